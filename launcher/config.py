@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 DS_CONFIG_DIR = PACKAGE_ROOT / "ds_configs"
@@ -322,8 +322,10 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     assert isinstance(raw, dict)
     _check_no_interpolation(raw, "", problems)
     recipe = _build(Recipe, raw, "", problems)
-    if not problems:
+    try:
         _check_values(recipe, problems)
+    except TypeError:
+        pass  # a field of the wrong type is already reported; its dependent checks cannot run
     if problems:
         raise ConfigError(problems)
     return recipe
@@ -428,13 +430,8 @@ def _check_values(r: Recipe, problems: list[str]) -> None:
         "model: set exactly one of model.name_or_path (continue from weights) and model.from_config "
         "(train from scratch)",
     )
-    if m.from_config and not m.tokenizer and not Path(m.from_config).is_dir():
-        problems.append("model.tokenizer: required when model.from_config is a file")
-    if m.from_config:
-        cfg = Path(m.from_config)
-        need(cfg.exists(), f"model.from_config: no such file or directory {cfg}")
-    if m.name_or_path and _looks_local(m.name_or_path):
-        need(Path(m.name_or_path).is_dir(), f"model.name_or_path: no such model directory {m.name_or_path}")
+    if m.from_config and not m.tokenizer and m.from_config.endswith(".json"):
+        problems.append("model.tokenizer: required when model.from_config is a config.json file")
     d = r.data
     need(d.seq_len > 0, f"data.seq_len: must be positive, got {d.seq_len}")
     need(d.num_workers >= 0, f"data.num_workers: must be >= 0, got {d.num_workers}")
@@ -482,6 +479,17 @@ def _check_values(r: Recipe, problems: list[str]) -> None:
     need(p.fsdp.replicate_degree > 0, f"parallel.fsdp.replicate_degree: must be positive, got {p.fsdp.replicate_degree}")
     if p.engine == "deepspeed":
         _check_deepspeed(r, problems)
+
+
+def check_paths(r: Recipe) -> list[str]:
+    """Local files the recipe names that do not exist (hub ids are not contacted)."""
+    problems = []
+    m = r.model
+    for key, value in (("model.name_or_path", m.name_or_path), ("model.from_config", m.from_config),
+                       ("model.tokenizer", m.tokenizer)):  # fmt: skip
+        if value and _looks_local(value) and not Path(value).exists():
+            problems.append(f"{key}: no such file or directory {value}")
+    return problems
 
 
 def _looks_local(name: str) -> bool:
@@ -542,7 +550,3 @@ def to_yaml(recipe: Recipe) -> str:
 
 def to_dict(recipe: Recipe) -> dict[str, Any]:
     return dataclasses.asdict(recipe)
-
-
-def is_dictconfig(x: Any) -> bool:
-    return isinstance(x, (DictConfig, ListConfig))

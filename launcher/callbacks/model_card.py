@@ -1,0 +1,237 @@
+"""README.md model card: what was trained on what, how it scored before and after, how to load it."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from launcher.callbacks.base import Callback, RunInfo, atomic_write_text, finite, read_metrics, redact_text, run_name
+from launcher.callbacks.jsonl import METRICS_FILE
+from launcher.config import Recipe
+
+CARD_FILE = "README.md"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_DATA_SUFFIXES = {".jsonl", ".json", ".parquet", ".txt", ".gz", ".zst", ".csv", ".arrow", ".tsv"}
+
+
+def looks_like_hub_id(name: str | None) -> bool:
+    """``org/name`` that is not a local path or data file: safe to cite as Hub metadata."""
+    return bool(
+        name
+        and _HUB_ID.match(name)
+        and not Path(name).expanduser().exists()
+        and Path(name).suffix.lower() not in _DATA_SUFFIXES
+    )
+
+
+class ModelCard(Callback):
+    """Writes ``output_dir/README.md`` at the end of training, and a copy into the exported model.
+
+    The numbers come from metrics.jsonl when it exists, so a run resumed several times still reports its
+    first evaluation (the base model) next to its last, which is what shows adaptation and forgetting.
+    """
+
+    def __init__(self) -> None:
+        self._records: list[dict[str, Any]] = []
+
+    def on_step(self, step: int, metrics: dict[str, float]) -> None:
+        self._records.append({"step": int(step), **metrics})
+
+    def on_eval(self, step: int, results: dict[str, dict[str, float]]) -> None:
+        self._records.append({"step": int(step), "eval": results})
+
+    def on_train_end(self, run: RunInfo, final_dir: Path | None) -> None:
+        out = Path(run.output_dir)
+        metrics_file = out / METRICS_FILE
+        records = read_metrics(metrics_file) if metrics_file.exists() else self._records
+        text = render_model_card(run, records, final_dir)
+        atomic_write_text(out / CARD_FILE, text)
+        if final_dir is not None and Path(final_dir).is_dir():
+            atomic_write_text(Path(final_dir) / CARD_FILE, text)
+
+
+def render_model_card(run: RunInfo, records: list[dict[str, Any]], final_dir: Path | None) -> str:
+    """The model card as markdown with YAML front matter."""
+    r = run.recipe
+    name = run_name(r)
+    train = [rec for rec in records if "eval" not in rec]
+    last_step = max((rec["step"] for rec in train), default=run.start_step)
+    tokens_seen = next((rec["tokens_seen"] for rec in reversed(train) if rec.get("tokens_seen") is not None), None)
+    if tokens_seen is None:
+        tokens_seen = last_step * run.tokens_per_step
+
+    lines = ["---", _front_matter(r).rstrip(), "---", "", f"# {name}", ""]
+    base = r.model.name_or_path
+    if base:
+        shown = f"[{base}](https://huggingface.co/{base})" if looks_like_hub_id(base) else f"`{redact_text(base)}`"
+        lines.append(f"Continual pretraining of {shown} with a causal language-modelling objective.")
+    else:
+        lines.append(f"Trained from scratch (random initialisation from `{redact_text(r.model.from_config or '')}`).")
+    lines += ["", "## Training", "", "| | |", "|---|---|"]
+    for key, value in _training_rows(run, last_step, int(tokens_seen)):
+        lines.append(f"| {key} | {value} |")
+
+    lines += ["", "## Evaluation", ""]
+    lines += _eval_table(records) or ["No evaluation was run."]
+
+    load = final_dir if final_dir is not None else out_final(run)
+    lines += [
+        "",
+        "## Usage",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        f'model = AutoModelForCausalLM.from_pretrained("{load}")',
+        f'tokenizer = AutoTokenizer.from_pretrained("{load}")',
+        "```",
+    ]
+    if final_dir is None:
+        ckpt = Path(run.output_dir) / "checkpoints" / f"step-{last_step}"
+        lines += ["", f"This run wrote no Hugging Face export; make one with `cpt export {ckpt} {load}`."]
+    if run.command:
+        lines += ["", "## Command", "", "```bash", redact_text(run.command), "```"]
+    return "\n".join(lines) + "\n"
+
+
+def out_final(run: RunInfo) -> Path:
+    """Where the exported model goes by default."""
+    return Path(run.output_dir) / "final"
+
+
+def _front_matter(r: Recipe) -> str:
+    meta: dict[str, Any] = {"library_name": "transformers"}
+    if looks_like_hub_id(r.model.name_or_path):
+        meta["base_model"] = r.model.name_or_path
+    meta["tags"] = ["continual-pretraining"]
+    datasets = sorted({s.path for s in [*r.data.train, *r.eval.sets.values()] if looks_like_hub_id(s.path)})
+    if datasets:
+        meta["datasets"] = datasets
+    meta["pipeline_tag"] = "text-generation"
+    return yaml.safe_dump(meta, sort_keys=False)
+
+
+def _training_rows(run: RunInfo, last_step: int, tokens_seen: int) -> list[tuple[str, str]]:
+    r = run.recipe
+    t = r.train
+    total_weight = sum(s.weight for s in r.data.train) or 1.0
+    sources = "<br>".join(
+        f"`{redact_text(s.path)}`" + (f" ({s.name})" if s.name else "") + f" split {s.split}, "
+        f"weight {s.weight:g} ({100 * s.weight / total_weight:.0f}%)"
+        for s in r.data.train
+    )
+    rows = [
+        ("Base model", f"`{redact_text(r.model.name_or_path)}`" if r.model.name_or_path else "none (from scratch)"),
+        ("Parameters", f"{run.n_params:,}"),
+        ("Training data", sources or "none"),
+        ("Steps", f"{last_step:,}" + (f" (resumed from step {run.start_step:,})" if run.resumed else "")),
+        ("Tokens seen", f"{tokens_seen:,}"),
+        ("Sequence length", f"{r.data.seq_len:,}"),
+        (
+            "Global batch",
+            f"{run.global_batch_size:,} sequences = {run.tokens_per_step:,} tokens "
+            f"({t.micro_batch_size} per process x {run.grad_accum} accumulation x {run.world_size} processes)",
+        ),
+        (
+            "Optimizer",
+            f"AdamW, lr {t.lr:g}, {t.schedule} schedule, warmup {t.warmup_steps} steps, min lr ratio "
+            f"{t.min_lr_ratio:g}, weight decay {t.weight_decay:g}, grad clip {t.grad_clip:g}",
+        ),
+        ("Engine", _engine(r)),
+        ("Precision", _precision(r)),
+    ]
+    return rows
+
+
+def _engine(r: Recipe) -> str:
+    p = r.parallel
+    if p.engine == "deepspeed":
+        zero = p.deepspeed.get("zero_optimization", {}) if isinstance(p.deepspeed, dict) else {}
+        zero = zero if isinstance(zero, dict) else {}
+        text = f"DeepSpeed ZeRO stage {zero.get('stage', 0)}"
+        offload = [
+            f"{what} to {sect.get('device')}"
+            for what, key in (("optimizer", "offload_optimizer"), ("parameters", "offload_param"))
+            if isinstance(sect := zero.get(key), dict) and sect.get("device") not in (None, "none")
+        ]
+        if offload:
+            text += ", offloading " + " and ".join(offload)
+    else:
+        f = p.fsdp
+        text = f"FSDP2, reshard_after_forward={f.reshard_after_forward}, reduce {f.reduce_dtype}"
+        if f.replicate_degree > 1:
+            text += f", hybrid sharding over {f.replicate_degree} replicas"
+        if f.cpu_offload:
+            text += ", CPU offload"
+    return f"{text} (`{Path(p.config).name}`)"
+
+
+def _precision(r: Recipe) -> str:
+    if r.train.precision != "auto":
+        return r.train.precision
+    import torch
+
+    return f"{'bf16' if torch.cuda.is_available() else 'fp32'} (auto)"
+
+
+def _eval_table(records: list[dict[str, Any]]) -> list[str]:
+    """One row per eval set; first and last evaluation side by side when they differ."""
+    first: dict[str, tuple[int, dict[str, Any]]] = {}
+    last: dict[str, tuple[int, dict[str, Any]]] = {}
+    for rec in sorted((r for r in records if isinstance(r.get("eval"), dict)), key=lambda r: r["step"]):
+        for name, res in rec["eval"].items():
+            if isinstance(res, dict):
+                first.setdefault(name, (rec["step"], res))
+                last[name] = (rec["step"], res)
+    if not last:
+        return []
+    compare = any(first[n][0] != last[n][0] for n in last)
+    if not compare:
+        step = max(s for s, _ in last.values())
+        out = [f"At step {step:,}:", "", "| Eval set | Loss | Perplexity | Tokens |", "|---|---:|---:|---:|"]
+        for name in sorted(last):
+            res = last[name][1]
+            out.append(f"| {name} | {_loss(res)} | {_ppl(res)} | {_tokens(res)} |")
+        return out
+    s0 = min(s for s, _ in first.values())
+    s1 = max(s for s, _ in last.values())
+    first_label = "base" if s0 == 0 else f"step {s0:,}"
+    out = [
+        f"Loss and perplexity before ({first_label}) and after (step {s1:,}) training. A drop on the target "
+        "domain is adaptation; a rise on general text is forgetting.",
+        "",
+        f"| Eval set | Loss ({first_label}) | Perplexity ({first_label}) | Loss (step {s1:,}) "
+        f"| Perplexity (step {s1:,}) | Perplexity change | Tokens |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name in sorted(last):
+        a, b = first[name][1], last[name][1]
+        out.append(
+            f"| {name} | {_loss(a)} | {_ppl(a)} | {_loss(b)} | {_ppl(b)} | {_change(a, b)} | {_tokens(b)} |"
+        )
+    return out
+
+
+def _loss(res: dict[str, Any]) -> str:
+    v = finite(res.get("loss"))
+    return f"{v:.4f}" if v is not None else "n/a"
+
+
+def _ppl(res: dict[str, Any]) -> str:
+    v = finite(res.get("perplexity"))
+    return f"{v:.2f}" if v is not None else "n/a"
+
+
+def _tokens(res: dict[str, Any]) -> str:
+    v = finite(res.get("tokens"))
+    return f"{int(v):,}" if v is not None else "n/a"
+
+
+def _change(a: dict[str, Any], b: dict[str, Any]) -> str:
+    pa, pb = finite(a.get("perplexity")), finite(b.get("perplexity"))
+    if pa is None or pb is None or pa == 0:
+        return "n/a"
+    return f"{100 * (pb - pa) / pa:+.1f}%"

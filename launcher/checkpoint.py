@@ -1,0 +1,145 @@
+"""Checkpoints: written under a temporary name, committed by one rename once every rank has finished.
+
+Layout of ``output_dir/checkpoints/step-N/``: the engine's own files (DeepSpeed checkpoint or a
+torch.distributed.checkpoint directory), ``trainer_state.json`` (step, tokens, dtype), ``data-rank{r}.json``
+(each rank's data position), ``rng-rank{r}.pt``, and the model config and tokenizer, so a checkpoint alone is
+enough to export a Hugging Face model. A directory without the ``.tmp`` suffix is complete by construction.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .engine import Engine
+from .launch import DistInfo
+
+log = logging.getLogger(__name__)
+
+STEP_RE = re.compile(r"^step-(\d+)$")
+
+
+def checkpoints_dir(output_dir: str | Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def complete_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Committed checkpoints, oldest first."""
+    root = checkpoints_dir(output_dir)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_RE.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found) if (p / "trainer_state.json").is_file()]
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    done = complete_checkpoints(output_dir)
+    return done[-1] if done else None
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save(
+    engine: Engine,
+    info: DistInfo,
+    output_dir: str | Path,
+    step: int,
+    trainer_state: dict[str, Any],
+    data_state: dict[str, Any],
+    tokenizer,
+    keep_last: int,
+) -> Path:
+    """Save and commit ``step-N``; then prune all but the newest ``keep_last``. Collective."""
+    root = checkpoints_dir(output_dir)
+    final = root / f"step-{step}"
+    if final.is_dir():
+        return final
+    tmp = root / f"step-{step}.tmp"
+    if info.rank == 0:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    _barrier()
+    engine.save(tmp)
+    (tmp / f"data-rank{info.rank}.json").write_text(json.dumps(data_state))
+    torch.save(_rng_state(), tmp / f"rng-rank{info.rank}.pt")
+    _barrier()
+    if info.rank == 0:
+        engine.config.save_pretrained(tmp / "hf")
+        tokenizer.save_pretrained(tmp / "hf")
+        state = {**trainer_state, "step": step, "world_size": info.world_size, "engine": engine.recipe.parallel.engine,
+                 "dtype": str(engine.dtype).removeprefix("torch.")}  # fmt: skip
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+        os.replace(tmp, final)
+        for old in complete_checkpoints(output_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+        log.info("checkpoint committed: %s", final)
+    _barrier()
+    return final
+
+
+def load(engine: Engine, info: DistInfo, path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Restore engine, RNG; return (trainer_state, this rank's data state). Collective."""
+    state = json.loads((path / "trainer_state.json").read_text())
+    if state.get("world_size") != info.world_size:
+        raise RuntimeError(
+            f"{path} was saved with {state.get('world_size')} ranks and this run has {info.world_size}; resuming "
+            "with a different world size would change the data order. Run with the original world size."
+        )
+    engine.load(path)
+    data_state = json.loads((path / f"data-rank{info.rank}.json").read_text())
+    _set_rng_state(torch.load(path / f"rng-rank{info.rank}.pt", weights_only=True))
+    return state, data_state
+
+
+def export(checkpoint: Path, out_dir: Path) -> Path:
+    """A consolidated Hugging Face model from a checkpoint, in one process, without a process group."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from .model import save_hf_model
+
+    checkpoint = Path(checkpoint)
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    config = AutoConfig.from_pretrained(checkpoint / "hf")
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint / "hf")
+    dtype = getattr(torch, state.get("dtype", "float32"))
+    if state["engine"] == "fsdp":
+        import torch.distributed.checkpoint as dcp
+
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        sd = {k: torch.empty(v.shape, dtype=v.dtype) for k, v in model.state_dict().items()}
+        holder = {"model": sd}
+        dcp.load(holder, checkpoint_id=str(checkpoint))
+        sd = holder["model"]
+    else:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        sd = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
+    return save_hf_model(sd, config, tokenizer, out_dir, dtype)

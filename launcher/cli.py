@@ -1,0 +1,165 @@
+"""``cpt``: run, plan, eval, export, quickstart."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from .config import ConfigError, Recipe, load_recipe, to_yaml
+from .launch import default_nproc, detect_launcher, spawn_workers
+
+
+def _load(recipe: str, overrides: list[str]) -> Recipe:
+    try:
+        return load_recipe(recipe, overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    if detect_launcher() is not None:
+        from .train import main as worker
+
+        return worker([args.recipe, *args.overrides])
+    recipe = _load(args.recipe, args.overrides)
+    nproc = default_nproc(recipe.parallel.nproc_per_node)
+    from .train import preflight
+
+    try:
+        preflight(recipe, nproc)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return spawn_workers("launcher.train", [args.recipe, *args.overrides], nproc)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    recipe = _load(args.recipe, args.overrides)
+    gpus = args.gpus_per_node or default_nproc(recipe.parallel.nproc_per_node)
+    world = args.nodes * gpus
+    try:
+        layout = recipe.batch_layout(world)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from .metrics import flops_per_token
+    from .model import load_config
+
+    print(to_yaml(recipe), end="")
+    print("---")
+    t = recipe.train
+    lines = {
+        "world": f"{args.nodes} node(s) x {gpus} worker(s) = {world} ranks, engine {recipe.parallel.engine} "
+        f"({recipe.parallel.config})",
+        "micro batch": f"{layout.micro_batch_size} sequences per rank",
+        "gradient accumulation": layout.grad_accum,
+        "global batch": f"{layout.global_batch_size} sequences = {layout.tokens_per_step:,} tokens per step",
+        "steps": t.max_steps,
+        "tokens in total": f"{layout.tokens_per_step * t.max_steps:,}",
+    }
+    try:
+        cfg = load_config(recipe)
+        n = _count_params(cfg)
+        lines["model"] = f"{cfg.model_type}, {n / 1e9:.3f}B parameters"
+        lines["training FLOPs"] = f"{flops_per_token(cfg, recipe.data.seq_len, n_params=n):.3e} per token"
+    except (OSError, ValueError) as e:
+        lines["model"] = f"config not readable here ({e})"
+    for k, v in lines.items():
+        print(f"{k:>22}: {v}")
+    return 0
+
+
+def _count_params(cfg) -> int:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    return sum(p.numel() for p in model.parameters())
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .checkpoint import export
+
+    out = export(Path(args.checkpoint), Path(args.out))
+    print(f"Hugging Face model written to {out}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    engine_config = {"deepspeed": "zero3.json", "fsdp": "fsdp.yaml"}[args.engine]
+    with tempfile.TemporaryDirectory(prefix="cpt-eval-") as tmp:
+        recipe = Path(tmp) / "eval.yaml"
+        recipe.write_text(
+            json.dumps(
+                {
+                    "output_dir": str(Path(tmp) / "out"),
+                    "model": {"name_or_path": str(Path(args.model_dir).resolve())},
+                    "data": {"seq_len": args.seq_len, "num_workers": 0},
+                    "train": {"max_steps": 0, "micro_batch_size": args.batch_size},
+                    "eval": {"sets": {"eval": {"path": str(Path(args.data_file).resolve())}}},
+                    "parallel": {"engine": args.engine, "config": engine_config, "nproc_per_node": args.nproc},
+                    "logging": {"wandb": "disabled", "progress": False},
+                }
+            )
+        )
+        rc = cmd_run(argparse.Namespace(recipe=str(recipe), overrides=[]))
+        if rc:
+            return rc
+        results = json.loads((Path(tmp) / "out" / "eval_results.json").read_text())
+    print(json.dumps(results["eval"]))
+    return 0
+
+
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    from .quickstart import run_quickstart
+
+    return run_quickstart(Path(args.output_dir), fast=args.fast)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cpt", description="Continual pretraining of causal language models")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="train a recipe (starts the workers unless a launcher already did)")
+    r.add_argument("recipe")
+    r.add_argument("overrides", nargs="*", help="key=value, e.g. train.max_steps=100")
+    r.set_defaults(func=cmd_run)
+
+    pl = sub.add_parser("plan", help="print the resolved recipe, world layout and batch math; no training")
+    pl.add_argument("recipe")
+    pl.add_argument("overrides", nargs="*")
+    pl.add_argument("--nodes", type=int, default=1)
+    pl.add_argument("--gpus-per-node", type=int, default=None)
+    pl.set_defaults(func=cmd_plan)
+
+    e = sub.add_parser("eval", help="perplexity of a saved model on one data file; prints one JSON line last")
+    e.add_argument("model_dir")
+    e.add_argument("data_file")
+    e.add_argument("--seq-len", type=int, default=2048)
+    e.add_argument("--batch-size", type=int, default=1)
+    e.add_argument("--nproc", type=int, default=None)
+    e.add_argument("--engine", choices=["deepspeed", "fsdp"], default="deepspeed")
+    e.set_defaults(func=cmd_eval)
+
+    x = sub.add_parser("export", help="consolidated Hugging Face model from a checkpoint")
+    x.add_argument("checkpoint")
+    x.add_argument("out")
+    x.set_defaults(func=cmd_export)
+
+    q = sub.add_parser("quickstart", help="the whole workflow on this machine, no GPU or network needed")
+    q.add_argument("--output-dir", default="runs/quickstart")
+    q.add_argument("--fast", action="store_true", help="a shortened run (used by the tests)")
+    q.set_defaults(func=cmd_quickstart)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    return args.func(args)

@@ -1,0 +1,96 @@
+"""What the training loop needs from a sharding engine, and what both engines share."""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+
+from ..config import BatchLayout, Recipe
+from ..launch import DistInfo
+
+Batch = dict[str, torch.Tensor]
+
+
+def resolve_dtype(recipe: Recipe, device: torch.device) -> torch.dtype:
+    """bf16 on GPU and fp32 on CPU unless the recipe says otherwise."""
+    p = recipe.train.precision
+    if p == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return torch.bfloat16 if p == "bf16" else torch.float32
+
+
+def lr_lambda(recipe: Recipe):
+    """Multiplier of ``train.lr`` at each step: linear warmup, then cosine/linear decay to min_lr_ratio."""
+    t = recipe.train
+    warm, total, floor = t.warmup_steps, max(1, t.max_steps), t.min_lr_ratio
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / (warm + 1)
+        if t.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warm) / max(1, total - warm))
+        if t.schedule == "linear":
+            return floor + (1 - floor) * (1 - progress)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Next-token cross-entropy: position t predicts labels[t+1]; -100 labels are ignored."""
+    return nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100, reduction=reduction
+    )
+
+
+class Engine(ABC):
+    """One interface over DeepSpeed and FSDP2: build and shard, step, evaluate, save, load, gather."""
+
+    def __init__(self, recipe: Recipe, info: DistInfo, layout: BatchLayout, config: PretrainedConfig):
+        self.recipe = recipe
+        self.info = info
+        self.layout = layout
+        self.config = config
+        self.dtype = resolve_dtype(recipe, info.device)
+
+    @property
+    @abstractmethod
+    def module(self) -> nn.Module:
+        """The callable model (wrapped as the engine needs it)."""
+
+    @abstractmethod
+    def train_step(self, micro_batches: list[Batch]) -> tuple[torch.Tensor, float]:
+        """Forward and backward over the micro-batches, one optimizer step. Returns this rank's mean loss (a
+        tensor, so the caller decides when to synchronise) and the global gradient norm before clipping."""
+
+    @abstractmethod
+    def lr(self) -> float: ...
+
+    @torch.no_grad()
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.module(input_ids=input_ids.to(self.info.device)).logits
+
+    def train(self) -> None:
+        self.module.train()
+
+    def eval(self) -> None:
+        self.module.eval()
+
+    @abstractmethod
+    def save(self, path: Path) -> None:
+        """Model, optimizer and scheduler state into ``path`` (every rank writes its shard)."""
+
+    @abstractmethod
+    def load(self, path: Path) -> None: ...
+
+    @abstractmethod
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The consolidated weights on CPU on rank 0 (empty on other ranks). Collective."""
+

@@ -1,0 +1,114 @@
+"""DeepSpeed ZeRO 0-3 (and CPU offload), driven natively through ``deepspeed.initialize``."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import deepspeed
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+from transformers import PretrainedConfig
+from transformers.integrations import HfDeepSpeedConfig
+
+from ..config import BatchLayout, Recipe
+from ..launch import DistInfo
+from ..model import build_model
+from .base import Batch, Engine, causal_lm_loss, lr_lambda
+
+
+def fill_auto(recipe: Recipe, layout: BatchLayout, hidden_size: int, dtype: torch.dtype, cuda: bool) -> dict[str, Any]:
+    """The DeepSpeed config with every ``"auto"`` replaced by the value the recipe implies."""
+    ds = copy.deepcopy(recipe.parallel.deepspeed)
+    t = recipe.train
+    zero = ds.setdefault("zero_optimization", {"stage": 0})
+    offload_opt = (zero.get("offload_optimizer") or {}).get("device", "none") not in ("none", None)
+    auto = {
+        "train_micro_batch_size_per_gpu": layout.micro_batch_size,
+        "gradient_accumulation_steps": layout.grad_accum,
+        "train_batch_size": layout.global_batch_size,
+        "gradient_clipping": t.grad_clip,
+    }
+    for k, v in auto.items():
+        if ds.get(k, "auto") == "auto":
+            ds[k] = v
+    bf16 = ds.setdefault("bf16", {"enabled": "auto"})
+    if bf16.get("enabled") == "auto":
+        bf16["enabled"] = dtype == torch.bfloat16
+    opt = ds.get("optimizer")
+    if opt is not None:
+        params = opt.setdefault("params", {})
+        # torch's AdamW (fused on GPU) is as fast as DeepSpeed's FusedAdam and needs no JIT build; offloaded
+        # optimizer states need DeepSpeedCPUAdam, which DeepSpeed picks when torch_adam is off.
+        wanted = {"lr": t.lr, "betas": list(t.betas), "eps": t.eps, "weight_decay": t.weight_decay,
+                  "torch_adam": not offload_opt}  # fmt: skip
+        for k, v in wanted.items():
+            if params.get(k, "auto") == "auto":
+                params[k] = v
+        if params.get("torch_adam") and cuda:
+            params.setdefault("fused", True)
+    # Bucket sizes scaled to the model, as the Hugging Face integration does.
+    sizes = {
+        "reduce_bucket_size": hidden_size * hidden_size,
+        "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
+        "stage3_param_persistence_threshold": 10 * hidden_size,
+    }
+    for k, v in sizes.items():
+        if zero.get(k) == "auto":
+            zero[k] = v
+    return ds
+
+
+class DeepSpeedEngine(Engine):
+    def __init__(self, recipe: Recipe, info: DistInfo, layout: BatchLayout, config: PretrainedConfig):
+        super().__init__(recipe, info, layout, config)
+        self.ds_config = fill_auto(recipe, layout, config.hidden_size, self.dtype, info.device.type == "cuda")
+        self.stage = self.ds_config["zero_optimization"].get("stage", 0)
+        # While this object lives, transformers builds and loads the model under deepspeed.zero.Init: with
+        # ZeRO-3 each rank only ever materialises its own partition of the weights.
+        self._hf_ds = HfDeepSpeedConfig(self.ds_config) if self.stage == 3 else None
+        model = build_model(recipe, config, self.dtype)
+        self.ds, _, _, _ = deepspeed.initialize(
+            model=model,
+            model_parameters=[p for p in model.parameters() if p.requires_grad],
+            config=self.ds_config,
+            lr_scheduler=lambda opt: LambdaLR(opt, lr_lambda(recipe)),
+            dist_init_required=False,
+        )
+
+    @property
+    def module(self):
+        return self.ds
+
+    def train_step(self, micro_batches: list[Batch]) -> tuple[torch.Tensor, float]:
+        total = torch.zeros((), device=self.info.device)
+        for mb in micro_batches:
+            logits = self.ds(input_ids=mb["input_ids"].to(self.info.device)).logits
+            loss = causal_lm_loss(logits, mb["labels"].to(self.info.device))
+            self.ds.backward(loss)
+            self.ds.step()
+            total += loss.detach()
+        norm = self.ds.get_global_grad_norm()
+        return total / len(micro_batches), float(norm) if norm is not None else float("nan")
+
+    def lr(self) -> float:
+        return self.ds.get_lr()[0]
+
+    def save(self, path: Path) -> None:
+        self.ds.save_checkpoint(str(path.parent), tag=path.name, save_latest=False)
+
+    def load(self, path: Path) -> None:
+        load_path, _ = self.ds.load_checkpoint(
+            str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+        if load_path is None:
+            raise RuntimeError(f"DeepSpeed found no checkpoint in {path}")
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        if self.stage == 3:
+            sd = self.ds._zero3_consolidated_16bit_state_dict()
+            return dict(sd) if sd is not None else {}
+        if self.info.rank != 0:
+            return {}
+        return {k: v.detach().cpu() for k, v in self.ds.module.state_dict().items()}

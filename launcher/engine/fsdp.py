@@ -1,0 +1,135 @@
+"""FSDP2 (``torch.distributed.fsdp.fully_shard``) with torch.distributed.checkpoint for sharded saves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from accelerate import init_empty_weights
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+from torch.optim.lr_scheduler import LambdaLR
+from transformers import AutoModelForCausalLM, PretrainedConfig
+
+from ..config import BatchLayout, Recipe
+from ..launch import DistInfo
+from ..model import build_model, decoder_layer_classes
+from .base import Batch, Engine, causal_lm_loss, lr_lambda
+
+
+class FsdpEngine(Engine):
+    def __init__(self, recipe: Recipe, info: DistInfo, layout: BatchLayout, config: PretrainedConfig):
+        super().__init__(recipe, info, layout, config)
+        f = recipe.parallel.fsdp
+        if info.world_size % f.replicate_degree:
+            raise ValueError(
+                f"parallel.fsdp.replicate_degree: world size {info.world_size} is not divisible by {f.replicate_degree}"
+            )
+        dev = info.device.type
+        if f.replicate_degree > 1:
+            mesh = init_device_mesh(
+                dev, (f.replicate_degree, info.world_size // f.replicate_degree), mesh_dim_names=("replicate", "shard")
+            )
+        else:
+            mesh = init_device_mesh(dev, (info.world_size,), mesh_dim_names=("shard",))
+        mp = None
+        if self.dtype == torch.bfloat16:
+            reduce = torch.float32 if f.reduce_dtype == "fp32" else torch.bfloat16
+            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=reduce)
+        kwargs = {"mesh": mesh, "reshard_after_forward": f.reshard_after_forward}
+        if mp is not None:
+            kwargs["mp_policy"] = mp
+        if f.cpu_offload:
+            kwargs["offload_policy"] = CPUOffloadPolicy()
+
+        # Rank 0 reads the weights once; every other rank builds the model on the meta device and receives its
+        # shards by broadcast, so host memory holds one full copy per node, not one per rank.
+        full = build_model(recipe, config, torch.float32) if info.rank == 0 else None
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(
+                config, dtype=torch.float32, attn_implementation=recipe.model.attn_implementation,
+                trust_remote_code=recipe.model.trust_remote_code,
+            )  # fmt: skip
+        if recipe.model.activation_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        buffers = {n: b.clone() for n, b in model.named_buffers()}
+        # Each decoder layer is its own FSDP unit, so one layer's all-gather overlaps the previous one's compute;
+        # the root unit holds embeddings, final norm and lm_head (tied weights stay one parameter there).
+        layer_types = decoder_layer_classes(model)
+        for mod in model.modules():
+            if isinstance(mod, layer_types):
+                fully_shard(mod, **kwargs)
+        fully_shard(model, **kwargs)
+        model.to_empty(device="cpu" if f.cpu_offload else info.device)
+        with torch.no_grad():
+            for name, value in buffers.items():
+                model.get_buffer(name).copy_(value)
+        set_model_state_dict(
+            model,
+            full.state_dict() if full is not None else {},
+            options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False),
+        )
+        del full
+        if config.tie_word_embeddings:
+            model.tie_weights()
+        self.model = model
+        t = recipe.train
+        self.optimizer = torch.optim.AdamW(
+            model.parameters(), lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay,
+            fused=True if dev == "cuda" and not f.cpu_offload else None,
+        )  # fmt: skip
+        self.scheduler = LambdaLR(self.optimizer, lr_lambda(recipe))
+
+    @property
+    def module(self):
+        return self.model
+
+    def train_step(self, micro_batches: list[Batch]) -> tuple[torch.Tensor, float]:
+        total = torch.zeros((), device=self.info.device)
+        n = len(micro_batches)
+        for i, mb in enumerate(micro_batches):
+            # Reduce-scatter gradients once per optimizer step, not once per micro-batch.
+            self.model.set_requires_gradient_sync(i == n - 1)
+            logits = self.model(input_ids=mb["input_ids"].to(self.info.device)).logits
+            loss = causal_lm_loss(logits, mb["labels"].to(self.info.device))
+            (loss / n).backward()
+            total += loss.detach()
+        clip = self.recipe.train.grad_clip or float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip, foreach=True)
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total / n, float(norm)
+
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def save(self, path: Path) -> None:
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
+        if self.info.rank == 0:
+            torch.save(self.scheduler.state_dict(), path / "scheduler.pt")
+
+    def load(self, path: Path) -> None:
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+        dcp.load(state, checkpoint_id=str(path))
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        sd = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        dist.barrier()
+        return sd if self.info.rank == 0 else {}

@@ -1,0 +1,159 @@
+"""The training loop: step, log, evaluate, checkpoint. Everything else hangs off callbacks on rank 0."""
+
+from __future__ import annotations
+
+import logging
+import math
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from . import checkpoint
+from .callbacks import Callback, CallbackList, RunInfo, default_callbacks
+from .config import Recipe, to_yaml
+from .data import TrainStream, eval_blocks
+from .engine import Engine, build_engine
+from .evaluate import evaluate
+from .launch import DistInfo
+from .metrics import Throughput, flops_per_token, memory_stats, mfu, peak_flops
+from .model import count_parameters, load_config, load_tokenizer, save_hf_model
+
+log = logging.getLogger(__name__)
+
+
+class Trainer:
+    def __init__(self, recipe: Recipe, info: DistInfo, callbacks: list[Callback] | None = None):
+        self.recipe = recipe
+        self.info = info
+        self.out = Path(recipe.output_dir)
+        self.layout = recipe.batch_layout(info.world_size)
+        self.tokenizer = load_tokenizer(recipe)
+        self.config = load_config(recipe)
+        if info.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "resolved_recipe.yaml").write_text(to_yaml(recipe))
+        self.callbacks = CallbackList((callbacks if callbacks is not None else default_callbacks(recipe)) if info.is_main else [])
+        self.engine: Engine = build_engine(recipe, info, self.layout, self.config)
+        d = recipe.data
+        self.stream = TrainStream(
+            d.train, self.tokenizer, seq_len=d.seq_len, micro_batch_size=self.layout.micro_batch_size,
+            rank=info.rank, world_size=info.world_size, seed=recipe.train.seed, num_workers=d.num_workers,
+            prefetch_factor=d.prefetch_factor, shuffle_buffer=d.shuffle_buffer,
+        )  # fmt: skip
+        self.step = 0
+        self.tokens_seen = 0
+        self.resumed_from = self._resume()
+        self.eval_sets = {
+            name: eval_blocks(src, self.tokenizer, seq_len=d.seq_len, rank=info.rank, world_size=info.world_size,
+                              max_blocks=recipe.eval.max_blocks)
+            for name, src in recipe.eval.sets.items()
+        }  # fmt: skip
+        self.flops_per_token = flops_per_token(self.config, d.seq_len)
+        self.peak = peak_flops(info.device)
+
+    def _resume(self) -> Path | None:
+        """Resume from the newest complete checkpoint in output_dir; initialise from the base model otherwise."""
+        path = checkpoint.latest_checkpoint(self.out)
+        if path is None:
+            return None
+        state, data_state = checkpoint.load(self.engine, self.info, path)
+        self.step = state["step"]
+        self.tokens_seen = state.get("tokens_seen", 0)
+        self.stream.load_state_dict(data_state)
+        log.info("resumed from %s at step %d", path, self.step)
+        return path
+
+    def fit(self) -> dict[str, dict[str, float]]:
+        r, t = self.recipe, self.recipe.train
+        run = RunInfo(
+            recipe=r, output_dir=self.out, world_size=self.info.world_size, grad_accum=self.layout.grad_accum,
+            global_batch_size=self.layout.global_batch_size, tokens_per_step=self.layout.tokens_per_step,
+            n_params=count_parameters(self.engine.module), start_step=self.step, max_steps=t.max_steps,
+            resumed=self.resumed_from is not None, command=shlex.join(sys.argv),
+        )  # fmt: skip
+        self.callbacks.on_train_start(run)
+        results: dict[str, dict[str, float]] = {}
+        if self.eval_sets and (t.max_steps == 0 or (r.eval.at_start and self.step == 0)):
+            results = self._evaluate()
+        if t.max_steps == 0:
+            self.callbacks.on_train_end(run, None)
+            return results
+        self.engine.train()
+        batches = iter(self.stream)
+        speed = Throughput()
+        last_eval = -1
+        while self.step < t.max_steps:
+            start = time.perf_counter()
+            micro = [next(batches) for _ in range(self.layout.grad_accum)]
+            data_wait = time.perf_counter() - start
+            loss, grad_norm = self.engine.train_step(micro)
+            self.step += 1
+            self.tokens_seen += self.layout.tokens_per_step
+            if self.step % t.log_every == 0 or self.step == t.max_steps:
+                self._log(loss, grad_norm, data_wait, time.perf_counter() - start, speed)
+            else:
+                speed.update(time.perf_counter() - start, self.layout.tokens_per_step // self.info.world_size)
+            if self.eval_sets and r.eval.every and self.step % r.eval.every == 0:
+                results, last_eval = self._evaluate(), self.step
+            if t.save_every and self.step % t.save_every == 0 and self.step < t.max_steps:
+                self._save()
+        if self.eval_sets and last_eval != self.step:
+            results = self._evaluate()
+        self._save()
+        final = self._export() if t.export_final else None
+        self.callbacks.on_train_end(run, final)
+        return results
+
+    def _log(self, loss: torch.Tensor, grad_norm: float, data_wait: float, step_time: float, speed: Throughput):
+        if dist.is_initialized():
+            dist.all_reduce(loss, op=dist.ReduceOp.SUM)
+            loss = loss / self.info.world_size
+        speed.update(step_time, self.layout.tokens_per_step // self.info.world_size)
+        per_device = speed.tokens_per_s()
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            log.warning("step %d: non-finite loss %s", self.step, loss_value)
+        metrics = {
+            "loss": loss_value,
+            "lr": self.engine.lr(),
+            "grad_norm": grad_norm,
+            "tokens_per_s": per_device * self.info.world_size,
+            "tokens_per_s_per_device": per_device,
+            "mfu": mfu(per_device, self.flops_per_token, self.peak),
+            "tokens_seen": self.tokens_seen,
+            "step_time": step_time,
+            "data_wait": data_wait,
+            **memory_stats(self.info.device),
+        }
+        self.callbacks.on_step(self.step, metrics)
+
+    def _evaluate(self) -> dict[str, dict[str, float]]:
+        mb = self.recipe.eval.micro_batch_size or self.recipe.train.micro_batch_size
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        results = evaluate(self.engine, self.eval_sets, mb, pad)
+        if self.info.is_main:
+            table = ", ".join(f"{k}: loss {v['loss']:.4f} ppl {v['perplexity']:.3f}" for k, v in results.items())
+            log.info("eval step %d: %s", self.step, table)
+        self.callbacks.on_eval(self.step, results)
+        return results
+
+    def _save(self) -> Path:
+        return checkpoint.save(
+            self.engine, self.info, self.out, self.step, {"tokens_seen": self.tokens_seen},
+            self.stream.state_dict(), self.tokenizer, self.recipe.train.keep_last,
+        )  # fmt: skip
+
+    def _export(self) -> Path | None:
+        sd = self.engine.full_state_dict()
+        path = None
+        if self.info.is_main:
+            path = save_hf_model(sd, self.config, self.tokenizer, self.out / "final", self.engine.dtype)
+            log.info("Hugging Face model written to %s", path)
+        del sd
+        if dist.is_initialized():
+            dist.barrier()
+        return path

@@ -1,0 +1,79 @@
+"""The entry point every worker runs, whatever started it.
+
+    python -m launcher.train RECIPE [key=value ...]                      # one process
+    torchrun --nproc-per-node 8 -m launcher.train RECIPE [k=v ...]       # one node
+    torchrun --nnodes 4 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint $HEAD:29500 \\
+        -m launcher.train RECIPE [k=v ...]                               # several nodes
+    deepspeed --hostfile hosts --module launcher.train RECIPE [k=v ...]
+    sbatch --nodes 4 slurm/pretrain.sbatch RECIPE [k=v ...]
+
+Parse, check, join the process group, train, tear down.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from .config import ConfigError, Recipe, check_paths, load_recipe
+from .launch import DistInfo, init_distributed, teardown, use_cpu_accelerator_if_no_gpu
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="launcher.train", description="Continual pretraining worker")
+    p.add_argument("recipe", help="recipe YAML")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=100")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def preflight(recipe: Recipe, world_size: int) -> None:
+    """Everything that can be checked before any process group or GPU is touched."""
+    from .data import check_sources
+
+    problems: list[str] = []
+    try:
+        recipe.batch_layout(world_size)
+    except ConfigError as e:
+        problems += e.problems
+    problems += check_paths(recipe)
+    problems += check_sources(recipe.data.train + list(recipe.eval.sets.values()))
+    if problems:
+        raise ConfigError(problems)
+
+
+def setup_logging(rank: int) -> None:
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        force=True,
+    )
+    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "datasets", "httpx", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_logging(int(os.environ.get("RANK", "0")))
+    use_cpu_accelerator_if_no_gpu()
+    try:
+        recipe = load_recipe(args.recipe, args.overrides)
+        preflight(recipe, int(os.environ.get("WORLD_SIZE", "1")))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    info: DistInfo = init_distributed(recipe.parallel.timeout_minutes)
+    try:
+        from .loop import Trainer
+
+        Trainer(recipe, info).fit()
+    finally:
+        teardown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
