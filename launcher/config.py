@@ -322,10 +322,7 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     assert isinstance(raw, dict)
     _check_no_interpolation(raw, "", problems)
     recipe = _build(Recipe, raw, "", problems)
-    try:
-        _check_values(recipe, problems)
-    except TypeError:
-        pass  # a field of the wrong type is already reported; its dependent checks cannot run
+    _check_values(recipe, problems)
     if problems:
         raise ConfigError(problems)
     return recipe
@@ -357,6 +354,10 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+def _is_container(tp: Any) -> bool:
+    return dataclasses.is_dataclass(tp) or typing.get_origin(tp) in (list, dict)
+
+
 def _build(tp: Any, value: Any, key: str, problems: list[str]) -> Any:
     """Convert ``value`` to ``tp``, appending a problem (and returning a placeholder) where it does not fit."""
     origin = typing.get_origin(tp)
@@ -384,15 +385,26 @@ def _build(tp: Any, value: Any, key: str, problems: list[str]) -> Any:
                 close = difflib.get_close_matches(str(k), names, n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
                 problems.append(f"{key + '.' if key else ''}{k}: unknown key{hint}")
-        kwargs = {
-            n: _build(hints[n], value[n], f"{key + '.' if key else ''}{n}", problems) for n in names if n in value
-        }
+        kwargs = {}
+        for n in names:
+            if n in value:
+                before = len(problems)
+                built = _build(hints[n], value[n], f"{key + '.' if key else ''}{n}", problems)
+                # A scalar that does not fit keeps its default, so the value checks can still run on the rest.
+                if len(problems) == before or _is_container(hints[n]):
+                    kwargs[n] = built
         return tp(**kwargs)
     if origin is list:
         if not isinstance(value, list):
             problems.append(f"{where}: expected a list, got {value!r}")
             return []
-        return [_build(args[0], v, f"{key}[{i}]", problems) for i, v in enumerate(value)]
+        items = []
+        for i, v in enumerate(value):
+            before = len(problems)
+            item = _build(args[0], v, f"{key}[{i}]", problems)
+            if len(problems) == before or _is_container(args[0]):
+                items.append(item)
+        return items
     if origin is dict:
         if not isinstance(value, dict):
             problems.append(f"{where}: expected a mapping, got {value!r}")

@@ -90,11 +90,12 @@ class Trainer:
             start = time.perf_counter()
             micro = [next(batches) for _ in range(self.layout.grad_accum)]
             data_wait = time.perf_counter() - start
+            lr = self.engine.lr()
             loss, grad_norm = self.engine.train_step(micro)
             self.step += 1
             self.tokens_seen += self.layout.tokens_per_step
             if self.step % t.log_every == 0 or self.step == t.max_steps:
-                self._log(loss, grad_norm, data_wait, time.perf_counter() - start, speed)
+                self._log(loss, grad_norm, lr, data_wait, time.perf_counter() - start, speed)
             else:
                 speed.update(time.perf_counter() - start, self.layout.tokens_per_step // self.info.world_size)
             if self.eval_sets and r.eval.every and self.step % r.eval.every == 0:
@@ -108,7 +109,7 @@ class Trainer:
         self.callbacks.on_train_end(run, final)
         return results
 
-    def _log(self, loss: torch.Tensor, grad_norm: float, data_wait: float, step_time: float, speed: Throughput):
+    def _log(self, loss: torch.Tensor, grad_norm: float, lr: float, data_wait: float, step_time: float, speed: Throughput):
         if dist.is_initialized():
             dist.all_reduce(loss, op=dist.ReduceOp.SUM)
             loss = loss / self.info.world_size
@@ -119,7 +120,7 @@ class Trainer:
             log.warning("step %d: non-finite loss %s", self.step, loss_value)
         metrics = {
             "loss": loss_value,
-            "lr": self.engine.lr(),
+            "lr": lr,
             "grad_norm": grad_norm,
             "tokens_per_s": per_device * self.info.world_size,
             "tokens_per_s_per_device": per_device,

@@ -16,6 +16,7 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 
 from .config import ConfigError, Recipe, check_paths, load_recipe
 from .launch import DistInfo, init_distributed, teardown, use_cpu_accelerator_if_no_gpu
@@ -51,6 +52,8 @@ def setup_logging(rank: int) -> None:
         datefmt="%H:%M:%S",
         force=True,
     )
+    # DeepSpeed still calls the collectives torch renamed; one warning per call would bury the training log.
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "datasets", "httpx", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 

@@ -75,9 +75,10 @@ def render_model_card(run: RunInfo, records: list[dict[str, Any]], final_dir: Pa
         lines.append(f"| {key} | {value} |")
 
     lines += ["", "## Evaluation", ""]
-    lines += _eval_table(records) or ["No evaluation was run."]
+    lines += _eval_table(records, from_base=bool(base)) or ["No evaluation was run."]
 
-    load = final_dir if final_dir is not None else out_final(run)
+    trained = last_step > 0
+    load = final_dir if final_dir is not None else (out_final(run) if trained else base or out_final(run))
     lines += [
         "",
         "## Usage",
@@ -89,7 +90,9 @@ def render_model_card(run: RunInfo, records: list[dict[str, Any]], final_dir: Pa
         f'tokenizer = AutoTokenizer.from_pretrained("{load}")',
         "```",
     ]
-    if final_dir is None:
+    if not trained:
+        lines += ["", "This run only evaluated the model; no training step was taken."]
+    elif final_dir is None:
         ckpt = Path(run.output_dir) / "checkpoints" / f"step-{last_step}"
         lines += ["", f"This run wrote no Hugging Face export; make one with `cpt export {ckpt} {load}`."]
     if run.command:
@@ -177,7 +180,7 @@ def _precision(r: Recipe) -> str:
     return f"{'bf16' if torch.cuda.is_available() else 'fp32'} (auto)"
 
 
-def _eval_table(records: list[dict[str, Any]]) -> list[str]:
+def _eval_table(records: list[dict[str, Any]], from_base: bool) -> list[str]:
     """One row per eval set; first and last evaluation side by side when they differ."""
     first: dict[str, tuple[int, dict[str, Any]]] = {}
     last: dict[str, tuple[int, dict[str, Any]]] = {}
@@ -198,7 +201,7 @@ def _eval_table(records: list[dict[str, Any]]) -> list[str]:
         return out
     s0 = min(s for s, _ in first.values())
     s1 = max(s for s, _ in last.values())
-    first_label = "base" if s0 == 0 else f"step {s0:,}"
+    first_label = "base" if s0 == 0 and from_base else f"step {s0:,}"
     out = [
         f"Loss and perplexity before ({first_label}) and after (step {s1:,}) training. A drop on the target "
         "domain is adaptation; a rise on general text is forgetting.",
@@ -209,9 +212,7 @@ def _eval_table(records: list[dict[str, Any]]) -> list[str]:
     ]
     for name in sorted(last):
         a, b = first[name][1], last[name][1]
-        out.append(
-            f"| {name} | {_loss(a)} | {_ppl(a)} | {_loss(b)} | {_ppl(b)} | {_change(a, b)} | {_tokens(b)} |"
-        )
+        out.append(f"| {name} | {_loss(a)} | {_ppl(a)} | {_loss(b)} | {_ppl(b)} | {_change(a, b)} | {_tokens(b)} |")
     return out
 
 

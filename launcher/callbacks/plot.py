@@ -6,7 +6,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from launcher.callbacks.base import Callback, RunInfo, finite, read_metrics, run_name
+from launcher.callbacks.base import Callback, RunInfo, finite, publish, read_metrics, run_name
 from launcher.callbacks.jsonl import METRICS_FILE
 
 PLOT_FILE = "loss.png"
@@ -41,15 +41,20 @@ def plot_metrics(metrics_jsonl: Path, out_png: Path, title: str | None = None) -
         smooth = len(losses) >= 50
         ax.plot(steps, losses, color="tab:blue", lw=1, alpha=0.35 if smooth else 1.0, label="train")
         if smooth:
-            ax.plot(steps, _moving_average(losses, max(5, len(losses) // 50)), color="tab:blue", lw=1.8,
-                    label="train (moving average)")
+            ax.plot(
+                steps,
+                _moving_average(losses, max(5, len(losses) // 50)),
+                color="tab:blue",
+                lw=1.8,
+                label="train (moving average)",
+            )
     for i, (name, points) in enumerate(sorted(evals.items())):
         steps, losses = zip(*sorted(points))
         ax.plot(steps, losses, marker="o", ms=5, lw=1.2, ls="--", color=f"C{(i + 1) % 10}", label=f"eval: {name}")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats/token)")
     ax.grid(True, alpha=0.3)
-    ax.legend(loc="upper right", fontsize="small")
+    ax.legend(loc="best", fontsize="small")
     if title:
         ax.set_title(title)
     fig.tight_layout()
@@ -60,7 +65,7 @@ def plot_metrics(metrics_jsonl: Path, out_png: Path, title: str | None = None) -
     os.close(fd)
     try:
         fig.savefig(tmp, format="png")
-        os.replace(tmp, out_png)
+        publish(tmp, out_png)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -33,7 +33,7 @@ class ProgressBar(Callback):
         self._every = max(1, run.max_steps // 20)
         self._t0 = time.monotonic()
         if _isatty(stream):
-            from tqdm.auto import tqdm
+            from tqdm import tqdm
 
             self._bar = tqdm(
                 total=run.max_steps,
@@ -71,7 +71,7 @@ class ProgressBar(Callback):
         if mfu is not None:
             parts.append(f"MFU {100 * mfu:.1f}%")
         done = step - self._start_step
-        if 0 < done and step < self._max_steps:
+        if done > 0 and step < self._max_steps:
             eta = (time.monotonic() - self._t0) / done * (self._max_steps - step)
             parts.append(f"eta {_duration(eta)}")
         print(" | ".join(parts), file=self.stream, flush=True)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import netrc
 import os
+import secrets
+import string
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -89,7 +91,7 @@ class WandbCallback(Callback):
         id_file = out / RUN_ID_FILE
         run_id = id_file.read_text().strip() if run.resumed and id_file.is_file() else ""
         if not run_id:
-            run_id = wandb.util.generate_id()
+            run_id = _new_run_id()
             atomic_write_text(id_file, run_id + "\n")
         extra = {
             "world_size": run.world_size,
@@ -155,6 +157,12 @@ class WandbCallback(Callback):
             self.run.summary["final_dir"] = str(final_dir)
         self.run.finish()
         self.run = None
+
+
+def _new_run_id() -> str:
+    """Eight lowercase letters and digits, the shape of W&B's own run ids."""
+    alphabet = string.ascii_lowercase + string.digits
+    return "".join(secrets.choice(alphabet) for _ in range(8))
 
 
 def _number(v: object) -> float | None:

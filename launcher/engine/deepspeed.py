@@ -65,6 +65,8 @@ class DeepSpeedEngine(Engine):
         super().__init__(recipe, info, layout, config)
         self.ds_config = fill_auto(recipe, layout, config.hidden_size, self.dtype, info.device.type == "cuda")
         self.stage = self.ds_config["zero_optimization"].get("stage", 0)
+        # DeepSpeed's own communication layer wraps the process group that already exists.
+        deepspeed.init_distributed(dist_init_required=False)
         # While this object lives, transformers builds and loads the model under deepspeed.zero.Init: with
         # ZeRO-3 each rank only ever materialises its own partition of the weights.
         self._hf_ds = HfDeepSpeedConfig(self.ds_config) if self.stage == 3 else None

@@ -1,0 +1,325 @@
+"""The callbacks driven by a fake run: real files, a real offline W&B run."""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from launcher.callbacks import (
+    CallbackList,
+    LossPlot,
+    MetricsJsonl,
+    ModelCard,
+    ProgressBar,
+    RunInfo,
+    WandbCallback,
+    default_callbacks,
+    plot_metrics,
+)
+from launcher.callbacks.base import is_secret_key, redact_args, scrub
+from launcher.callbacks.wandb import wandb_mode
+from launcher.config import LoggingConfig, Recipe, SourceConfig
+
+SECRETS = ("secret-env-123", "secret-recipe-456", "secret-cmd-789", "secret-argv-000")
+
+
+@pytest.fixture(autouse=True)
+def wandb_env(tmp_path, monkeypatch):
+    """No credentials and no W&B state outside the test's directory."""
+    home = tmp_path / "home"
+    home.mkdir()
+    for var in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_BASE_URL", "NETRC", "CPT_PEAK_TFLOPS"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(home))
+    for var in ("WANDB_DIR", "WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
+        monkeypatch.setenv(var, str(home / var.lower()))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_X_DISABLE_STATS", "true")
+
+
+def make_recipe(out: Path, **logging) -> Recipe:
+    r = Recipe(output_dir=str(out))
+    r.model.name_or_path = "TinyLlama/TinyLlama_v1.1"
+    r.data.train = [
+        SourceConfig(path="HuggingFaceFW/fineweb-edu", name="sample-10BT", weight=3.0),
+        SourceConfig(path=str(out.parent / "domain.jsonl"), weight=1.0),
+    ]
+    r.data.seq_len = 128
+    r.eval.sets = {"domain": SourceConfig(path="data/domain-eval.jsonl"), "web": SourceConfig(path="org/web-eval")}
+    r.parallel.deepspeed = {"zero_optimization": {"stage": 3}, "comet": {"api_key": "secret-recipe-456"}}
+    r.logging = LoggingConfig(**{"wandb": "offline", "progress": True, "run_name": "tiny-cpt", **logging})
+    return r
+
+
+def make_run(recipe: Recipe, *, start_step: int = 0, resumed: bool = False, max_steps: int = 10) -> RunInfo:
+    return RunInfo(
+        recipe=recipe,
+        output_dir=Path(recipe.output_dir),
+        world_size=2,
+        grad_accum=2,
+        global_batch_size=8,
+        tokens_per_step=8 * 128,
+        n_params=1_100_048_384,
+        start_step=start_step,
+        max_steps=max_steps,
+        resumed=resumed,
+        command="cpt run recipes/tiny.yaml train.max_steps=10 hf_token=secret-cmd-789",
+    )
+
+
+def train_metrics(step: int) -> dict:
+    return {
+        "loss": 3.0 - 0.1 * step,
+        "lr": 1e-4,
+        "grad_norm": 0.5,
+        "tokens_per_s": 2048.0,
+        "tokens_per_s_per_device": 1024.0,
+        "mfu": None,
+        "tokens_seen": step * 8 * 128,
+        "step_time": 0.5,
+        "mem_rss_gib": 1.5,
+    }
+
+
+EVAL_BASE = {
+    "domain": {"loss": 2.5, "perplexity": 12.1825, "tokens": 4096},
+    "web": {"loss": 2.0, "perplexity": 7.389, "tokens": 2048},
+}
+EVAL_LAST = {
+    "domain": {"loss": 1.75, "perplexity": 5.7546, "tokens": 4096},
+    "web": {"loss": 2.1, "perplexity": 8.1662, "tokens": 2048},
+}
+
+
+def read_lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_metrics_jsonl_and_eval_results(tmp_path):
+    recipe = make_recipe(tmp_path / "run")
+    cb = MetricsJsonl()
+    run = make_run(recipe)
+    cb.on_train_start(run)
+    cb.on_eval(0, EVAL_BASE)
+    for step in range(1, 11):
+        cb.on_step(step, train_metrics(step))
+    cb.on_eval(10, EVAL_LAST)
+    cb.on_train_end(run, None)
+
+    lines = read_lines(run.output_dir / "metrics.jsonl")
+    train = [r for r in lines if "eval" not in r]
+    assert [r["step"] for r in train] == list(range(1, 11))
+    assert all(r["mfu"] is None and "time" in r for r in train)
+    steps = [r["step"] for r in lines]
+    assert steps == sorted(steps)
+    assert lines[0] == {"step": 0, "eval": EVAL_BASE, "time": lines[0]["time"]}
+    assert json.loads((run.output_dir / "eval_results.json").read_text()) == EVAL_LAST
+    # written atomically, yet as readable as a plainly opened file
+    assert (run.output_dir / "eval_results.json").stat().st_mode == (run.output_dir / "metrics.jsonl").stat().st_mode
+
+
+def test_resume_drops_the_steps_after_the_checkpoint(tmp_path):
+    recipe = make_recipe(tmp_path / "run")
+    first = MetricsJsonl()
+    first.on_train_start(make_run(recipe))
+    for step in range(1, 11):
+        first.on_step(step, train_metrics(step))
+    first.on_train_end(make_run(recipe), None)
+    path = Path(recipe.output_dir) / "metrics.jsonl"
+    with open(path, "a") as f:
+        f.write('{"step": 11, "loss": 1.')  # a line cut short by the crash
+
+    run = make_run(recipe, start_step=5, resumed=True)
+    again = MetricsJsonl()
+    again.on_train_start(run)
+    for step in range(6, 9):
+        again.on_step(step, train_metrics(step))
+    again.on_train_end(run, None)
+    assert [r["step"] for r in read_lines(path)] == list(range(1, 9))
+
+    fresh = MetricsJsonl()  # not resumed: a new record
+    fresh.on_train_start(make_run(recipe))
+    fresh.on_step(1, train_metrics(1))
+    fresh.on_train_end(make_run(recipe), None)
+    assert [r["step"] for r in read_lines(path)] == [1]
+
+
+def drive(callbacks: list, run: RunInfo, final_dir: Path | None = None) -> None:
+    cbs = CallbackList(callbacks)
+    cbs.on_train_start(run)
+    if not run.resumed:
+        cbs.on_eval(0, EVAL_BASE)
+    for step in range(run.start_step + 1, run.max_steps + 1):
+        cbs.on_step(step, train_metrics(step))
+        if step == 5:
+            cbs.on_eval(5, {k: {**v, "loss": v["loss"] - 0.1} for k, v in EVAL_BASE.items()})
+    cbs.on_eval(run.max_steps, EVAL_LAST)
+    cbs.on_train_end(run, final_dir)
+
+
+def test_loss_plot_is_a_png(tmp_path):
+    recipe = make_recipe(tmp_path / "run")
+    run = make_run(recipe)
+    drive([MetricsJsonl(), LossPlot()], run)
+    png = run.output_dir / "loss.png"
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
+    assert plot_metrics(tmp_path / "missing.jsonl", tmp_path / "x.png") is None
+    assert plot_metrics(run.output_dir / "metrics.jsonl", tmp_path / "again.png") == tmp_path / "again.png"
+
+
+def test_model_card(tmp_path):
+    recipe = make_recipe(tmp_path / "run")
+    run = make_run(recipe)
+    final = run.output_dir / "final"
+    final.mkdir(parents=True)
+    drive([MetricsJsonl(), ModelCard()], run, final_dir=final)
+    card = (run.output_dir / "README.md").read_text()
+    assert (final / "README.md").read_text() == card
+    front = card.split("---")[1]
+    assert "library_name: transformers" in front and "base_model: TinyLlama/TinyLlama_v1.1" in front
+    assert "continual-pretraining" in front
+    assert "HuggingFaceFW/fineweb-edu" in front and "org/web-eval" in front and "domain.jsonl" not in front
+    # base (step 0) next to last (step 10), with the values fed
+    assert "| domain | 2.5000 | 12.18 | 1.7500 | 5.75 | -52.8% | 4,096 |" in card
+    assert "| web | 2.0000 | 7.39 | 2.1000 | 8.17 | +10.5% | 2,048 |" in card
+    assert "Tokens seen | 10,240 |" in card
+    assert "DeepSpeed ZeRO stage 3" in card
+    assert f'AutoModelForCausalLM.from_pretrained("{final}")' in card
+    assert "hf_token=***" in card
+
+
+def test_model_card_without_metrics_file_or_second_eval(tmp_path):
+    recipe = make_recipe(tmp_path / "run")
+    run = make_run(recipe, max_steps=0)
+    cb = ModelCard()
+    cb.on_train_start(run)
+    cb.on_eval(0, EVAL_BASE)
+    cb.on_train_end(run, None)
+    card = (run.output_dir / "README.md").read_text()
+    assert "| domain | 2.5000 | 12.18 | 4,096 |" in card
+    assert "only evaluated" in card and 'from_pretrained("TinyLlama/TinyLlama_v1.1")' in card
+
+    run = make_run(recipe, max_steps=3)
+    cb = ModelCard()
+    cb.on_train_start(run)
+    cb.on_step(3, train_metrics(3))
+    cb.on_train_end(run, None)
+    card = (run.output_dir / "README.md").read_text()
+    assert "No evaluation was run." in card and "cpt export" in card and "step-3" in card
+
+
+def test_progress_lines_when_not_a_terminal(tmp_path):
+    recipe = make_recipe(tmp_path / "run")
+    stream = io.StringIO()
+    run = make_run(recipe, max_steps=40)
+    bar = ProgressBar(stream=stream)
+    bar.on_train_start(run)
+    for step in range(1, 41):
+        bar.on_step(step, {**train_metrics(step), "mfu": 0.123})
+    bar.on_train_end(run, None)
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 20
+    assert lines[0].startswith("step 2/40 (5%) | loss 2.8000 | 2.05k tok/s | MFU 12.3% | eta")
+    assert lines[-1].startswith("step 40/40 (100%)")
+
+
+class FakeTerminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bar_in_a_terminal(tmp_path):
+    recipe = make_recipe(tmp_path / "run")
+    stream = FakeTerminal()
+    run = make_run(recipe, start_step=4, resumed=True, max_steps=10)
+    bar = ProgressBar(stream=stream)
+    bar.on_train_start(run)
+    for step in range(5, 11):
+        bar.on_step(step, {**train_metrics(step), "mfu": 0.123})
+    bar.on_train_end(run, None)
+    text = stream.getvalue()
+    assert "tiny-cpt" in text and "10/10" in text and "mfu=12.3%" in text
+
+
+def test_wandb_mode_resolution(tmp_path, monkeypatch):
+    assert wandb_mode(LoggingConfig(wandb="auto")) == "offline"
+    assert wandb_mode(LoggingConfig(wandb="online")) == "offline"  # no credentials: never a login prompt
+    assert wandb_mode(LoggingConfig(wandb="disabled")) == "disabled"
+    netrc = Path.home() / ".netrc"
+    netrc.write_text("machine api.wandb.ai\n  login user\n  password abcdef\n")
+    netrc.chmod(0o600)
+    assert wandb_mode(LoggingConfig(wandb="auto")) == "online"
+    netrc.unlink()
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert wandb_mode(LoggingConfig(wandb="auto")) == "online"
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert wandb_mode(LoggingConfig(wandb="auto")) == "offline"
+    recipe = make_recipe(tmp_path / "run", wandb="disabled", progress=False)
+    names = [type(cb).__name__ for cb in default_callbacks(recipe)]
+    assert names == ["MetricsJsonl", "LossPlot", "ModelCard"]
+
+
+def offline_runs(out: Path, run_id: str) -> list[Path]:
+    return sorted((out / "wandb").glob(f"offline-run-*-{run_id}"))
+
+
+def test_wandb_offline_run_and_resume(tmp_path):
+    recipe = make_recipe(tmp_path / "run", wandb="auto")
+    out = Path(recipe.output_dir)
+    run = make_run(recipe, max_steps=6)
+    drive([WandbCallback(recipe)], run)
+    run_id = (out / "wandb_run_id").read_text().strip()
+    [first] = offline_runs(out, run_id)
+    assert (first / f"run-{run_id}.wandb").stat().st_size > 0
+
+    resumed = make_run(recipe, start_step=6, resumed=True, max_steps=8)
+    drive([WandbCallback(recipe)], resumed)
+    assert (out / "wandb_run_id").read_text().strip() == run_id
+    assert len(list((out / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))) >= 1
+
+    drive([WandbCallback(recipe)], make_run(recipe, max_steps=2))  # a fresh start is a new W&B run
+    assert (out / "wandb_run_id").read_text().strip() != run_id
+
+
+def test_no_secret_reaches_any_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_API_KEY", "secret-env-123")
+    monkeypatch.setattr(sys, "argv", [sys.argv[0], "parallel.deepspeed.comet.api_key=secret-argv-000"])
+    recipe = make_recipe(tmp_path / "run", wandb="offline", tags=["cpt", "tiny"])
+    run = make_run(recipe)
+    final = run.output_dir / "final"
+    final.mkdir(parents=True)
+    callbacks = default_callbacks(recipe)
+    assert [type(cb).__name__ for cb in callbacks] == [
+        "MetricsJsonl",
+        "WandbCallback",
+        "ProgressBar",
+        "LossPlot",
+        "ModelCard",
+    ]
+    drive(callbacks, run, final_dir=final)
+    written = [p for p in run.output_dir.rglob("*") if p.is_file()]
+    names = {p.name for p in written}
+    assert {"metrics.jsonl", "eval_results.json", "loss.png", "README.md", "wandb_run_id"} <= names
+    assert any(p.suffix == ".wandb" for p in written)
+    for p in written:
+        data = p.read_bytes()
+        for secret in SECRETS:
+            assert secret.encode() not in data, f"{secret} leaked into {p}"
+
+
+def test_secret_helpers():
+    assert is_secret_key("api_key") and is_secret_key("HF_TOKEN") and is_secret_key("clientSecret")
+    assert not any(map(is_secret_key, ["tokenizer", "tokens_seen", "keep_last", "max_tokens", "monkey"]))
+    assert scrub({"a": {"password": 1, "b": [{"token": 2, "c": 3}]}}) == {"a": {"b": [{"c": 3}]}}
+    assert redact_args(["--hf-token", "x", "lr=1", "s3_secret=y", "https://u:p@host/x"]) == [
+        "--hf-token",
+        "***",
+        "lr=1",
+        "s3_secret=***",
+        "https://***@host/x",
+    ]

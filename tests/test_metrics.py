@@ -1,0 +1,120 @@
+"""FLOPs, MFU, peak and throughput: the numbers a user compares against published runs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
+
+from launcher.metrics import Throughput, flops_per_token, memory_stats, mfu, param_count, peak_flops
+
+TINYLLAMA = dict(
+    hidden_size=2048,
+    num_hidden_layers=22,
+    num_attention_heads=32,
+    num_key_value_heads=4,
+    intermediate_size=5632,
+    vocab_size=32000,
+)
+
+
+def tiny(model_type: str = "llama", **kw) -> AutoConfig:
+    shape = dict(
+        vocab_size=101,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=48,
+    )
+    return AutoConfig.for_model(model_type, **{**shape, **kw})
+
+
+def test_1b_anchor_params_and_mfu():
+    cfg = LlamaConfig(**TINYLLAMA, tie_word_embeddings=False)
+    n = param_count(cfg)
+    assert abs(n - 1.10e9) / 1.10e9 < 0.01
+    f = flops_per_token(cfg, 2048)
+    assert f == 6 * (n - 32000 * 2048) + 12 * 22 * 32 * 64 * 2048
+    assert mfu(13_980, f, 989e12) == pytest.approx(0.103, abs=0.001)
+
+
+def test_tied_and_untied_differ_by_the_lm_head():
+    untied = LlamaConfig(**TINYLLAMA, tie_word_embeddings=False)
+    tied = LlamaConfig(**TINYLLAMA, tie_word_embeddings=True)
+    assert param_count(untied) - param_count(tied) == 32000 * 2048
+    # The lm_head matmul runs either way, so the compute per token is the same.
+    assert flops_per_token(tied, 2048) == flops_per_token(untied, 2048)
+
+
+def test_n_params_keyword_overrides_the_analytic_count():
+    cfg = LlamaConfig(**TINYLLAMA)
+    n = param_count(cfg)
+    assert flops_per_token(cfg, 2048, n_params=n) == flops_per_token(cfg, 2048)
+    assert flops_per_token(cfg, 2048, n_params=n + 1000) == flops_per_token(cfg, 2048) + 6000
+
+
+@pytest.mark.parametrize(
+    "model_type,kw",
+    [
+        ("llama", {"tie_word_embeddings": False}),
+        ("llama", {"tie_word_embeddings": True}),
+        ("llama", {"attention_bias": True, "mlp_bias": True, "head_dim": 12}),
+        ("mistral", {}),
+        ("qwen2", {"tie_word_embeddings": True}),
+        ("qwen3", {"head_dim": 12}),
+    ],
+)
+def test_analytic_count_equals_the_built_model(model_type, kw):
+    cfg = tiny(model_type, **kw)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg)
+    assert param_count(cfg) == sum(p.numel() for p in model.parameters())
+
+
+def test_peak_flops(monkeypatch):
+    monkeypatch.delenv("CPT_PEAK_TFLOPS", raising=False)
+    assert peak_flops(torch.device("cpu")) is None
+    assert mfu(1000.0, 1e9, None) is None
+    monkeypatch.setenv("CPT_PEAK_TFLOPS", "123.5")
+    assert peak_flops(torch.device("cpu")) == pytest.approx(123.5e12)
+    monkeypatch.setenv("CPT_PEAK_TFLOPS", "fast")
+    with pytest.raises(ValueError, match="CPT_PEAK_TFLOPS"):
+        peak_flops("cpu")
+
+
+@pytest.mark.parametrize(
+    "name,peak",
+    [
+        ("NVIDIA H100 80GB HBM3", 989e12),
+        ("NVIDIA H100 NVL", 989e12),
+        ("NVIDIA GH200 480GB", 989e12),
+        ("NVIDIA H200", 989e12),
+        ("NVIDIA A100-SXM4-80GB", 312e12),
+        ("NVIDIA L40S", 362e12),
+        ("NVIDIA A10G", 125e12),
+        ("Tesla V100-SXM2-32GB", None),
+    ],
+)
+def test_peak_flops_by_gpu_name(monkeypatch, name, peak):
+    monkeypatch.delenv("CPT_PEAK_TFLOPS", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert peak_flops(torch.device("cuda", 0)) == peak
+
+
+def test_memory_stats_on_cpu():
+    stats = memory_stats(torch.device("cpu"))
+    assert set(stats) == {"mem_rss_gib"}
+    assert 0 < stats["mem_rss_gib"] < 1024
+
+
+def test_throughput_is_a_rolling_window():
+    tp = Throughput(window=2)
+    assert tp.tokens_per_s() == 0.0
+    tp.update(1.0, 100)
+    assert tp.tokens_per_s() == 100.0
+    tp.update(3.0, 300)
+    tp.update(1.0, 1000)  # the first step leaves the window
+    assert tp.tokens_per_s() == pytest.approx(1300 / 4)
+    assert tp.step_time() == pytest.approx(2.0)
