@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import weakref
 from collections.abc import Iterable, Iterator
 from itertools import islice
 from typing import Any
@@ -248,7 +249,8 @@ class TrainStream:
         self._batches = 0
         self._epoch = 0
         self._positions: list[list[int] | None] = [[0, 0] for _ in range(self._slots)]
-        self._active: Iterator[dict[str, torch.Tensor]] | None = None
+        self._active: weakref.ref | None = None
+        """The live iterator, weakly: it refers to this stream, and a cycle would delay stopping its workers."""
 
     def _build_mixture(self, datasets_: list[Any]) -> Any:
         if len(datasets_) == 1:
@@ -263,13 +265,16 @@ class TrainStream:
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         self._close_active()
-        self._active = self._iterate()
-        return self._active
+        iterator = self._iterate()
+        self._active = weakref.ref(iterator)
+        return iterator
 
     def _close_active(self) -> None:
-        if self._active is not None:
-            self._active.close()  # type: ignore[attr-defined]
-            self._active = None
+        """Stop the previous iterator and its workers: the position it would continue from is no longer valid."""
+        iterator = self._active() if self._active is not None else None
+        if iterator is not None:
+            iterator.close()  # type: ignore[attr-defined]
+        self._active = None
 
     def _iterate(self) -> Iterator[dict[str, torch.Tensor]]:
         known = all(p is not None for p in self._positions)
@@ -365,7 +370,9 @@ class TrainStream:
             and saved.get("rank") == self.rank
             and isinstance(workers, list)
             and len(workers) == self._slots
-            and all(isinstance(p, list) and len(p) == 2 and all(isinstance(x, int) and x >= 0 for x in p) for p in workers)
+            and all(
+                isinstance(p, list) and len(p) == 2 and all(isinstance(x, int) and x >= 0 for x in p) for p in workers
+            )
         )
         self._batches = state["batches"]
         self._epoch = int(state.get("epoch", 0))
@@ -401,7 +408,9 @@ def eval_blocks(
     total = 0
     try:
         texts = _checked(_texts(ds), resolved, what)
-        blocks: Iterator[list[int]] = pack(tokenize_documents(texts, tokenizer), seq_len, keep_partial=True, eos_id=eos_id)
+        blocks: Iterator[list[int]] = pack(
+            tokenize_documents(texts, tokenizer), seq_len, keep_partial=True, eos_id=eos_id
+        )
         if max_blocks is not None:
             blocks = islice(blocks, max_blocks)
         for i, block in enumerate(blocks):

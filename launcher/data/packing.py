@@ -42,7 +42,9 @@ def pack(
         yield buffer
 
 
-def tokenize_documents(texts: Iterable[str], tokenizer: Any, *, batch_size: int = TOKENIZE_BATCH) -> Iterator[list[int]]:
+def tokenize_documents(
+    texts: Iterable[str], tokenizer: Any, *, batch_size: int = TOKENIZE_BATCH
+) -> Iterator[list[int]]:
     """Token ids of each non-blank document, without special tokens and without EOS (``pack`` adds it).
 
     Whitespace-only documents are dropped before tokenization: they carry no text, and some tokenizers would

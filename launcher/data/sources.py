@@ -175,21 +175,32 @@ def check_sources(sources: list[SourceConfig]) -> list[str]:
 
 
 def load(resolved: ResolvedSource, *, streaming: bool = True) -> Any:
-    """``datasets.load_dataset`` for a resolved source, unchecked and with all its columns."""
+    """``datasets.load_dataset`` for a resolved source, unchecked and with all its columns.
+
+    For files, the download-count ping ``datasets`` sends to the hub for its built-in builders is switched off:
+    reading local files must not touch the network (on a cluster without internet it costs a timeout per call).
+    """
+    import datasets.config
     from datasets import load_dataset
 
     source = resolved.source
+    ping = datasets.config.HF_UPDATE_DOWNLOAD_COUNTS
     try:
         if resolved.kind == "hub":
             return load_dataset(source.path, source.name, split=source.split, streaming=streaming)
         data_files = resolved.files if resolved.kind == "local" else source.path
+        datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = False
         return load_dataset(
             resolved.builder, data_files={source.split: data_files}, split=source.split, streaming=streaming
         )
     except DataError:
         raise
     except Exception as e:
+        if resolved.kind == "local":
+            raise DataError(describe_failure([resolved], e)) from e
         raise DataError(f"{source.path}: cannot open: {type(e).__name__}: {e}") from e
+    finally:
+        datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = ping
 
 
 def check_text(value: Any, field_name: str) -> str | None:

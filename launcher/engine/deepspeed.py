@@ -10,7 +10,7 @@ import deepspeed
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import PretrainedConfig
-from transformers.integrations import HfDeepSpeedConfig
+from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
 
 from ..config import BatchLayout, Recipe
 from ..launch import DistInfo
@@ -68,9 +68,14 @@ class DeepSpeedEngine(Engine):
         # DeepSpeed's own communication layer wraps the process group that already exists.
         deepspeed.init_distributed(dist_init_required=False)
         # While this object lives, transformers builds and loads the model under deepspeed.zero.Init: with
-        # ZeRO-3 each rank only ever materialises its own partition of the weights.
-        self._hf_ds = HfDeepSpeedConfig(self.ds_config) if self.stage == 3 else None
-        model = build_model(recipe, config, self.dtype)
+        # ZeRO-3 each rank only ever materialises its own partition of the weights. It must not outlive the
+        # build: any later model construction (the export, on rank 0 alone) would become a collective and hang.
+        hf_ds = HfDeepSpeedConfig(self.ds_config) if self.stage == 3 else None
+        try:
+            model = build_model(recipe, config, self.dtype)
+        finally:
+            del hf_ds
+            unset_hf_deepspeed_config()
         self.ds, _, _, _ = deepspeed.initialize(
             model=model,
             model_parameters=[p for p in model.parameters() if p.requires_grad],
