@@ -125,7 +125,8 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     sets: dict[str, SourceConfig] = field(default_factory=dict)
-    """Named eval sets; each is read fully, split across ranks, and reported as loss and perplexity."""
+    """Named eval sets; each is read fully, split across ranks, and reported as loss and perplexity. Setting a
+    name to null removes a set defined by an extended recipe."""
     every: int = 0
     """Evaluate every this many steps (0: only at the end)."""
     at_start: bool = False
@@ -409,7 +410,8 @@ def _build(tp: Any, value: Any, key: str, problems: list[str]) -> Any:
         if not isinstance(value, dict):
             problems.append(f"{where}: expected a mapping, got {value!r}")
             return {}
-        return {str(k): _build(args[1], v, f"{key}.{k}", problems) for k, v in value.items()}
+        # A null entry removes what an extended recipe defined (e.g. ``eval.sets.fineweb=null``).
+        return {str(k): _build(args[1], v, f"{key}.{k}", problems) for k, v in value.items() if v is not None}
     if tp is Any:
         return value
     if tp is bool:
