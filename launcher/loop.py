@@ -39,11 +39,12 @@ class Trainer:
         self.callbacks = CallbackList((callbacks if callbacks is not None else default_callbacks(recipe)) if info.is_main else [])
         self.engine: Engine = build_engine(recipe, info, self.layout, self.config)
         d = recipe.data
+        # An evaluation-only run (train.max_steps=0) needs no training data.
         self.stream = TrainStream(
             d.train, self.tokenizer, seq_len=d.seq_len, micro_batch_size=self.layout.micro_batch_size,
             rank=info.rank, world_size=info.world_size, seed=recipe.train.seed, num_workers=d.num_workers,
             prefetch_factor=d.prefetch_factor, shuffle_buffer=d.shuffle_buffer,
-        )  # fmt: skip
+        ) if recipe.train.max_steps > 0 else None  # fmt: skip
         self.step = 0
         self.tokens_seen = 0
         self.resumed_from = self._resume()
@@ -58,7 +59,7 @@ class Trainer:
     def _resume(self) -> Path | None:
         """Resume from the newest complete checkpoint in output_dir; initialise from the base model otherwise."""
         path = checkpoint.latest_checkpoint(self.out)
-        if path is None:
+        if path is None or self.stream is None:
             return None
         state, data_state = checkpoint.load(self.engine, self.info, path)
         self.step = state["step"]
@@ -82,6 +83,7 @@ class Trainer:
         if t.max_steps == 0:
             self.callbacks.on_train_end(run, None)
             return results
+        assert self.stream is not None
         self.engine.train()
         batches = iter(self.stream)
         speed = Throughput()
@@ -143,6 +145,7 @@ class Trainer:
         return results
 
     def _save(self) -> Path:
+        assert self.stream is not None
         return checkpoint.save(
             self.engine, self.info, self.out, self.step, {"tokens_seen": self.tokens_seen},
             self.stream.state_dict(), self.tokenizer, self.recipe.train.keep_last,
