@@ -61,6 +61,7 @@ def main() -> int:
     corpora = build_corpora(out / "data", max_code_chars=20_000_000)
     tok = build_tokenizer(out / "tokenizer", [corpora["prose_train"], corpora["code_train"]], vocab_size=32000)
     mdir = model_dir(out, tok)
+    c = corpora
     print(f"assets ready in {time.time() - t0:.0f} s", flush=True)
     import torch
 
@@ -76,8 +77,8 @@ def main() -> int:
         cmd = [
             sys.executable, "-m", "launcher", "run", str(REPO / "recipes/llama-1b-scratch.yaml"),
             f"output_dir={run_dir}", f"model.from_config={mdir}", f"model.tokenizer={mdir}",
-            f"data.train=[{{path: {corpora['code_train']}, weight: 0.8}}, {{path: {corpora['prose_train']}, weight: 0.2}}]",
-            f"eval.sets={{fineweb: null, code: {{path: {corpora['code_eval']}}}, prose: {{path: {corpora['prose_eval']}}}}}",
+            f"data.train=[{{path: {c['code_train']}, weight: 0.8}}, {{path: {c['prose_train']}, weight: 0.2}}]",
+            f"eval.sets={{fineweb: null, code: {{path: {c['code_eval']}}}, prose: {{path: {c['prose_eval']}}}}}",
             "eval.max_blocks=64", "eval.every=100", "eval.at_start=true", "eval.micro_batch_size=8",
             f"train.max_steps={args.steps}", f"train.micro_batch_size={args.micro_batch}",
             f"train.global_batch_size={args.micro_batch * gpus}", "train.lr=6e-4", "train.warmup_steps=30",

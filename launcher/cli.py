@@ -13,29 +13,30 @@ from .config import ConfigError, Recipe, load_recipe, to_yaml
 from .launch import default_nproc, detect_launcher, spawn_workers
 
 
-def _load(recipe: str, overrides: list[str]) -> Recipe:
+def _load(recipe: str, overrides: list[str], **checks) -> Recipe:
     try:
-        return load_recipe(recipe, overrides)
+        return load_recipe(recipe, overrides, **checks)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+def _nproc(recipe: Recipe) -> int:
+    return default_nproc(recipe.parallel.nproc_per_node)
+
+
+def run_recipe(recipe_path: str, overrides: list[str]) -> int:
+    """Check everything, then start the workers on this machine (or run here if a launcher already did)."""
     if detect_launcher() is not None:
         from .train import main as worker
 
-        return worker([args.recipe, *args.overrides])
-    recipe = _load(args.recipe, args.overrides)
-    nproc = default_nproc(recipe.parallel.nproc_per_node)
-    from .train import preflight
+        return worker([recipe_path, *overrides])
+    recipe = _load(recipe_path, overrides, world_size=_nproc, check_files=True)
+    return spawn_workers("launcher.train", [recipe_path, *overrides], _nproc(recipe))
 
-    try:
-        preflight(recipe, nproc)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return spawn_workers("launcher.train", [args.recipe, *args.overrides], nproc)
+
+def cmd_run(args: argparse.Namespace) -> int:
+    return run_recipe(args.recipe, args.overrides)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -108,7 +109,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 }
             )
         )
-        rc = cmd_run(argparse.Namespace(recipe=str(recipe), overrides=[]))
+        rc = run_recipe(str(recipe), [])
         if rc:
             return rc
         results = json.loads((Path(tmp) / "out" / "eval_results.json").read_text())

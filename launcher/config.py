@@ -17,6 +17,7 @@ import json
 import math
 import types
 import typing
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -308,8 +309,17 @@ def parse_overrides(overrides: list[str], problems: list[str]) -> DictConfig:
         return OmegaConf.create({})
 
 
-def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
-    """Merge, validate and build the recipe. Raises ConfigError naming every problem at once."""
+def load_recipe(
+    path: str | Path,
+    overrides: Sequence[str] = (),
+    *,
+    world_size: int | Callable[[Recipe], int] | None = None,
+    check_files: bool = False,
+) -> Recipe:
+    """Merge, validate and build the recipe. Raises ConfigError naming every problem at once.
+
+    With ``world_size`` (a number, or a function of the recipe) the batch math is checked for that many ranks;
+    with ``check_files`` the local model and data paths must exist. Both run before any process group exists."""
     problems: list[str] = []
     path = Path(path)
     if not path.is_file():
@@ -324,6 +334,17 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     _check_no_interpolation(raw, "", problems)
     recipe = _build(Recipe, raw, "", problems)
     _check_values(recipe, problems)
+    if world_size is not None and recipe.train.micro_batch_size > 0:
+        n = world_size(recipe) if callable(world_size) else world_size
+        try:
+            recipe.batch_layout(n)
+        except ConfigError as e:
+            problems += e.problems
+    if check_files:
+        from .data import check_sources
+
+        problems += check_paths(recipe)
+        problems += check_sources(recipe.data.train + list(recipe.eval.sets.values()))
     if problems:
         raise ConfigError(problems)
     return recipe
@@ -490,7 +511,9 @@ def _check_values(r: Recipe, problems: list[str]) -> None:
     if p.nproc_per_node is not None:
         need(p.nproc_per_node > 0, f"parallel.nproc_per_node: must be positive, got {p.nproc_per_node}")
     need(p.timeout_minutes > 0, f"parallel.timeout_minutes: must be positive, got {p.timeout_minutes}")
-    need(p.fsdp.replicate_degree > 0, f"parallel.fsdp.replicate_degree: must be positive, got {p.fsdp.replicate_degree}")
+    need(
+        p.fsdp.replicate_degree > 0, f"parallel.fsdp.replicate_degree: must be positive, got {p.fsdp.replicate_degree}"
+    )
     if p.engine == "deepspeed":
         _check_deepspeed(r, problems)
 
@@ -543,14 +566,14 @@ def _check_deepspeed(r: Recipe, problems: list[str]) -> None:
     for k, want in checks.items():
         got = ds.get(k, "auto")
         if got != "auto" and got != want:
-            problems.append(f"parallel.deepspeed.{k}: {got!r} contradicts the recipe's value {want!r}; use \"auto\"")
+            problems.append(f'parallel.deepspeed.{k}: {got!r} contradicts the recipe\'s value {want!r}; use "auto"')
     for fp, name in (("fp16", "fp16"), ("bf16", "bf16")):
         sect = ds.get(fp)
         if isinstance(sect, dict) and sect.get("enabled") not in (None, "auto", False):
             want = r.train.precision
             if name == "fp16" or want == "fp32":
                 problems.append(
-                    f"parallel.deepspeed.{fp}.enabled: true contradicts train.precision={want!r}; use \"auto\""
+                    f'parallel.deepspeed.{fp}.enabled: true contradicts train.precision={want!r}; use "auto"'
                 )
 
 

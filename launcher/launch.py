@@ -103,8 +103,15 @@ def init_distributed(timeout_minutes: float) -> DistInfo:
             device_id=device if device.type == "cuda" else None,
         )
     info = DistInfo(rank, world, local_rank, local_world, device, launcher or "none")
-    log.info("rank %d/%d on %s local_rank %d device %s (%s)", rank, world, socket.gethostname(), local_rank,
-             device, info.launcher)
+    log.info(
+        "rank %d/%d on %s local_rank %d device %s (%s)",
+        rank,
+        world,
+        socket.gethostname(),
+        local_rank,
+        device,
+        info.launcher,
+    )
     return info
 
 

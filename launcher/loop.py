@@ -36,7 +36,9 @@ class Trainer:
         if info.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "resolved_recipe.yaml").write_text(to_yaml(recipe))
-        self.callbacks = CallbackList((callbacks if callbacks is not None else default_callbacks(recipe)) if info.is_main else [])
+        self.callbacks = CallbackList(
+            (callbacks if callbacks is not None else default_callbacks(recipe)) if info.is_main else []
+        )
         self.engine: Engine = build_engine(recipe, info, self.layout, self.config)
         d = recipe.data
         # An evaluation-only run (train.max_steps=0) needs no training data.
@@ -111,7 +113,9 @@ class Trainer:
         self.callbacks.on_train_end(run, final)
         return results
 
-    def _log(self, loss: torch.Tensor, grad_norm: float, lr: float, data_wait: float, step_time: float, speed: Throughput):
+    def _log(
+        self, loss: torch.Tensor, grad_norm: float, lr: float, data_wait: float, step_time: float, speed: Throughput
+    ):
         if dist.is_initialized():
             dist.all_reduce(loss, op=dist.ReduceOp.SUM)
             loss = loss / self.info.world_size

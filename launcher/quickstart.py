@@ -10,28 +10,12 @@
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 
+from .cli import run_recipe
 from .config import RECIPE_DIR
-from .launch import spawn_workers
 from .quickstart_assets import build_base_config, build_corpora, build_tokenizer
-
-
-def _run(recipe: Path, overrides: list[str]) -> int:
-    from .config import ConfigError, load_recipe
-    from .launch import default_nproc
-    from .train import preflight
-
-    try:
-        r = load_recipe(recipe, overrides)
-        nproc = default_nproc(r.parallel.nproc_per_node)
-        preflight(r, nproc)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return spawn_workers("launcher.train", [str(recipe), *overrides], nproc)
 
 
 def run_quickstart(out: Path, *, fast: bool = False) -> int:
@@ -43,7 +27,11 @@ def run_quickstart(out: Path, *, fast: bool = False) -> int:
     corpora = build_corpora(assets / "data", max_code_chars=400_000 if fast else 2_000_000)
     tok = build_tokenizer(assets / "tokenizer", [corpora["prose_train"], corpora["code_train"]],
                           vocab_size=1024 if fast else 4096)  # fmt: skip
-    size = {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "intermediate_size": 128} if fast else {}
+    size = (
+        {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "intermediate_size": 128}
+        if fast
+        else {}
+    )
     config_dir = build_base_config(assets / "base-config", tok, **size)
     data = {name: str(path) for name, path in corpora.items()}
     short = ["train.max_steps=6", "data.seq_len=64", "train.log_every=1", "eval.max_blocks=16"] if fast else []
@@ -51,8 +39,8 @@ def run_quickstart(out: Path, *, fast: bool = False) -> int:
     base = out / "base"
     if not (base / "final" / "config.json").is_file():
         print("[quickstart] stage 1/2: pretraining the base model on English prose", flush=True)
-        rc = _run(
-            RECIPE_DIR / "quickstart-base.yaml",
+        rc = run_recipe(
+            str(RECIPE_DIR / "quickstart-base.yaml"),
             [f"output_dir={base}", f"model.from_config={config_dir}", f"data.train=[{{path: {data['prose_train']}}}]",
              f"eval.sets.prose.path={data['prose_eval']}", *short],
         )  # fmt: skip
@@ -63,8 +51,8 @@ def run_quickstart(out: Path, *, fast: bool = False) -> int:
 
     cpt = out / "cpt"
     print("[quickstart] stage 2/2: continual pretraining on Python source, 2 workers, DeepSpeed ZeRO-3", flush=True)
-    rc = _run(
-        RECIPE_DIR / "quickstart.yaml",
+    rc = run_recipe(
+        str(RECIPE_DIR / "quickstart.yaml"),
         [f"output_dir={cpt}", f"model.name_or_path={base / 'final'}", f"data.train=[{{path: {data['code_train']}}}]",
          f"eval.sets.code.path={data['code_eval']}", f"eval.sets.prose.path={data['prose_eval']}",
          *(short + ["train.save_every=3", "eval.every=3"] if fast else [])],

@@ -18,7 +18,7 @@ import os
 import sys
 import warnings
 
-from .config import ConfigError, Recipe, check_paths, load_recipe
+from .config import ConfigError, load_recipe
 from .launch import DistInfo, init_distributed, teardown, use_cpu_accelerator_if_no_gpu
 
 
@@ -28,21 +28,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=100")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
-
-
-def preflight(recipe: Recipe, world_size: int) -> None:
-    """Everything that can be checked before any process group or GPU is touched."""
-    from .data import check_sources
-
-    problems: list[str] = []
-    try:
-        recipe.batch_layout(world_size)
-    except ConfigError as e:
-        problems += e.problems
-    problems += check_paths(recipe)
-    problems += check_sources(recipe.data.train + list(recipe.eval.sets.values()))
-    if problems:
-        raise ConfigError(problems)
 
 
 def setup_logging(rank: int) -> None:
@@ -63,8 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(int(os.environ.get("RANK", "0")))
     use_cpu_accelerator_if_no_gpu()
     try:
-        recipe = load_recipe(args.recipe, args.overrides)
-        preflight(recipe, int(os.environ.get("WORLD_SIZE", "1")))
+        recipe = load_recipe(
+            args.recipe, args.overrides, world_size=int(os.environ.get("WORLD_SIZE", "1")), check_files=True
+        )
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

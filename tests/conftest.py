@@ -78,7 +78,9 @@ def run(cmd: list[str], timeout: float = 420, **env: str) -> subprocess.Complete
     """Run a command from the repository root; fail the test with its output if it fails."""
     p = subprocess.run(cmd, cwd=REPO, env=worker_env(**env), capture_output=True, text=True, timeout=timeout)
     if p.returncode != 0:
-        pytest.fail(f"{' '.join(cmd)} exited {p.returncode}\n--- stdout\n{p.stdout[-6000:]}\n--- stderr\n{p.stderr[-8000:]}")
+        pytest.fail(
+            f"{' '.join(cmd)} exited {p.returncode}\n--- stdout\n{p.stdout[-6000:]}\n--- stderr\n{p.stderr[-8000:]}"
+        )
     return p
 
 

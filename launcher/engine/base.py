@@ -6,7 +6,6 @@ import math
 from abc import ABC, abstractmethod
 from pathlib import Path
 
-
 import torch
 from torch import nn
 from transformers import PretrainedConfig
@@ -93,4 +92,3 @@ class Engine(ABC):
     @abstractmethod
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The consolidated weights on CPU on rank 0 (empty on other ranks). Collective."""
-
