@@ -72,6 +72,9 @@ class Trainer:
 
     def fit(self) -> dict[str, dict[str, float]]:
         r, t = self.recipe, self.recipe.train
+        if self.resumed_from is not None and self.step >= t.max_steps and t.max_steps > 0:
+            log.info("%s already reached train.max_steps=%d; nothing to do", self.resumed_from, t.max_steps)
+            return {}
         run = RunInfo(
             recipe=r, output_dir=self.out, world_size=self.info.world_size, grad_accum=self.layout.grad_accum,
             global_batch_size=self.layout.global_batch_size, tokens_per_step=self.layout.tokens_per_step,
