@@ -67,11 +67,9 @@ def main() -> int:
 
     gpus = torch.cuda.device_count()
     record = {"date": datetime.date.today().isoformat(), "card": card(), "gpus": gpus, "runs": {}}
-    try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
-    except OSError:
-        rev = ""
-    record["git_revision"] = rev
+    git = subprocess.run(["git", "rev-parse", "--verify", "HEAD"], capture_output=True, text=True, cwd=REPO)
+    record["git_revision"] = git.stdout.strip() if git.returncode == 0 else os.environ.get("CPT_GIT_REVISION", "")
+    record["command"] = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
     for engine in args.engines:
         run_dir = out / engine
         cmd = [
