@@ -262,7 +262,9 @@ def _load_recipe_tree(path: Path, problems: list[str], seen: tuple[Path, ...] = 
     if not parent_path.is_file():
         problems.append(f"{path}: extends: no such recipe {parent_path}")
         return tree
-    return OmegaConf.merge(_load_recipe_tree(parent_path, problems, (*seen, path)), tree)
+    merged = OmegaConf.merge(_load_recipe_tree(parent_path, problems, (*seen, path)), tree)
+    assert isinstance(merged, DictConfig)
+    return merged
 
 
 def resolve_engine_config_path(name: str) -> Path:
@@ -327,7 +329,9 @@ def load_recipe(
     tree = _load_recipe_tree(path, problems)
     cli = parse_overrides(list(overrides), problems)
     # The engine config is named by the recipe or an override, and merges between the two.
-    engine_cfg = _load_engine_config(OmegaConf.merge(tree, cli), problems)
+    named = OmegaConf.merge(tree, cli)
+    assert isinstance(named, DictConfig)
+    engine_cfg = _load_engine_config(named, problems)
     merged = OmegaConf.merge(tree, engine_cfg, cli)
     raw = OmegaConf.to_container(merged, resolve=False)
     assert isinstance(raw, dict)
@@ -396,7 +400,7 @@ def _build(tp: Any, value: Any, key: str, problems: list[str]) -> Any:
             return value
         problems.append(f"{where}: {value!r} is not one of {_type_name(tp)}")
         return args[0]
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             problems.append(f"{where}: expected a mapping of {tp.__name__} fields, got {value!r}")
             return tp()
@@ -559,7 +563,7 @@ def _check_deepspeed(r: Recipe, problems: list[str]) -> None:
                 f"parallel.deepspeed.{key}: the schedule comes from train.schedule/warmup_steps/min_lr_ratio; "
                 "remove it from the DeepSpeed config"
             )
-    checks = {
+    checks: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": r.train.micro_batch_size,
         "gradient_clipping": r.train.grad_clip,
     }
@@ -567,11 +571,11 @@ def _check_deepspeed(r: Recipe, problems: list[str]) -> None:
         got = ds.get(k, "auto")
         if got != "auto" and got != want:
             problems.append(f'parallel.deepspeed.{k}: {got!r} contradicts the recipe\'s value {want!r}; use "auto"')
-    for fp, name in (("fp16", "fp16"), ("bf16", "bf16")):
+    for fp in ("fp16", "bf16"):
         sect = ds.get(fp)
         if isinstance(sect, dict) and sect.get("enabled") not in (None, "auto", False):
             want = r.train.precision
-            if name == "fp16" or want == "fp32":
+            if fp == "fp16" or want == "fp32":
                 problems.append(
                     f'parallel.deepspeed.{fp}.enabled: true contradicts train.precision={want!r}; use "auto"'
                 )

@@ -8,6 +8,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -127,7 +128,7 @@ class Trainer:
         loss_value = loss.item()
         if not math.isfinite(loss_value):
             log.warning("step %d: non-finite loss %s", self.step, loss_value)
-        metrics = {
+        metrics: dict[str, Any] = {
             "loss": loss_value,
             "lr": lr,
             "grad_norm": grad_norm,

@@ -8,18 +8,25 @@ import pytest
 import torch
 from conftest import cpt, read_metrics, tiny_recipe, train_losses, write_recipe
 
-ENGINES = {"zero2": ("deepspeed", "zero2.json"), "zero3": ("deepspeed", "zero3.json"), "fsdp": ("fsdp", "fsdp.yaml")}
+ENGINES = {
+    "zero2": ("deepspeed", "zero2.json", {}),
+    "zero3": ("deepspeed", "zero3.json", {}),
+    "fsdp": ("fsdp", "fsdp.yaml", {}),
+    "hsdp": ("fsdp", "fsdp-hybrid.yaml", {}),
+    "fsdp-ckpt": ("fsdp", "fsdp.yaml", {"activation_checkpointing": True}),
+}
 
 
 @pytest.fixture(scope="module")
 def parity_runs(assets, tmp_path_factory):
-    """The same tiny recipe under ZeRO-2, ZeRO-3 and FSDP2: 2 ranks x 2 micro-batches of 2 x accumulation 2."""
+    """The same tiny recipe under ZeRO-2, ZeRO-3, FSDP2, hybrid-sharded FSDP2 and FSDP2 with activation
+    checkpointing: 2 ranks x micro-batches of 2 x accumulation 2."""
     root = tmp_path_factory.mktemp("parity")
     outs = {}
-    for name, (engine, config) in ENGINES.items():
+    for name, (engine, config, model) in ENGINES.items():
         out = root / name
         tree = tiny_recipe(assets, out, train={"max_steps": 5, "global_batch_size": 8, "save_every": 2},
-                           parallel={"engine": engine, "config": config, "nproc_per_node": 2})  # fmt: skip
+                           model=model, parallel={"engine": engine, "config": config, "nproc_per_node": 2})  # fmt: skip
         cpt("run", str(write_recipe(root / f"{name}.yaml", tree)))
         outs[name] = out
     return outs

@@ -22,9 +22,10 @@ def test_quickstart_fast(tmp_path):
     # The base model's prose perplexity, measured at the end of stage 1 under ZeRO-2, is what stage 2 measures
     # at its step 0 under ZeRO-3 after export and reload.
     base_eval = json.loads((out / "base" / "eval_results.json").read_text())["prose"]
-    assert evals[0]["eval"]["prose"]["perplexity"] == base_eval["perplexity"] or abs(
-        evals[0]["eval"]["prose"]["loss"] - base_eval["loss"]
-    ) < 1e-5
+    assert (
+        evals[0]["eval"]["prose"]["perplexity"] == base_eval["perplexity"]
+        or abs(evals[0]["eval"]["prose"]["loss"] - base_eval["loss"]) < 1e-5
+    )
     assert evals[-1]["eval"]["code"]["loss"] < evals[0]["eval"]["code"]["loss"], "no adaptation to code"
     for line in ("Perplexity before -> after", "code:", "prose:", str(run)):
         assert line in p.stdout, line

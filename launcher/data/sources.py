@@ -12,6 +12,7 @@ import glob
 import json
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Any
@@ -151,7 +152,7 @@ def resolve(source: SourceConfig) -> ResolvedSource:
     else:
         raise DataError(f"{path}: no such file or directory")
 
-    builders = sorted({format_of(f) for f in files})  # type: ignore[type-var]
+    builders = sorted({b for f in files if (b := format_of(f)) is not None})
     if len(builders) > 1:
         examples = ", ".join(next(f for f in files if format_of(f) == b) for b in builders)
         raise DataError(
@@ -274,60 +275,70 @@ def _record_problem(record: Any, field_name: str) -> str | None:
     return check_text(record.get(field_name), field_name)
 
 
+class _NotUtf8(Exception):
+    def __init__(self, lineno: int):
+        self.lineno = lineno
+
+
+def _numbered_lines(f, deadline: float) -> Iterator[tuple[int, str]]:
+    """(line number, line) of an open text file, giving up once ``deadline`` has passed."""
+    lineno = 0
+    while True:
+        try:
+            line = f.readline()
+        except UnicodeDecodeError:
+            raise _NotUtf8(lineno + 1) from None
+        if not line:
+            return
+        lineno += 1
+        if lineno % 10_000 == 0 and time.monotonic() > deadline:
+            raise _OutOfTime
+        yield lineno, line
+
+
 def _scan_json(resolved: ResolvedSource, file: str, deadline: float) -> str | None:
     """JSON Lines line by line; a file that starts with ``[`` is one JSON array of records."""
     field_name = resolved.text_field
     with _open_text(file) as f:
-        lineno = 0
         seen_content = False
-        while True:
-            try:
-                line = f.readline()
-            except UnicodeDecodeError:
-                return _where(resolved, file, f", line {lineno + 1}", "not UTF-8 text")
-            if not line:
-                return None
-            lineno += 1
-            if lineno % 10_000 == 0 and time.monotonic() > deadline:
-                raise _OutOfTime
-            stripped = line.strip()
-            if not stripped:
-                continue
-            if not seen_content and stripped.startswith("["):
+        try:
+            for lineno, line in _numbered_lines(f, deadline):
+                stripped = line.strip()
+                if not stripped:
+                    continue
+                if not seen_content and stripped.startswith("["):
+                    try:
+                        records = json.loads(line + f.read())
+                    except json.JSONDecodeError as e:
+                        return _where(resolved, file, f", line {lineno + e.lineno - 1}", f"malformed JSON ({e.msg})")
+                    except UnicodeDecodeError:
+                        return _where(resolved, file, "", "not UTF-8 text")
+                    for i, record in enumerate(records if isinstance(records, list) else [records]):
+                        problem = _record_problem(record, field_name)
+                        if problem:
+                            return _where(resolved, file, f", record {i + 1}", problem)
+                    return None
+                seen_content = True
                 try:
-                    records = json.loads(line + f.read())
+                    record = json.loads(stripped)
                 except json.JSONDecodeError as e:
-                    return _where(resolved, file, f", line {lineno + e.lineno - 1}", f"malformed JSON ({e.msg})")
-                except UnicodeDecodeError:
-                    return _where(resolved, file, "", "not UTF-8 text")
-                for i, record in enumerate(records if isinstance(records, list) else [records]):
-                    problem = _record_problem(record, field_name)
-                    if problem:
-                        return _where(resolved, file, f", record {i + 1}", problem)
-                return None
-            seen_content = True
-            try:
-                record = json.loads(stripped)
-            except json.JSONDecodeError as e:
-                return _where(resolved, file, f", line {lineno}", f"malformed JSON ({e.msg})")
-            problem = _record_problem(record, field_name)
-            if problem:
-                return _where(resolved, file, f", line {lineno}", problem)
+                    return _where(resolved, file, f", line {lineno}", f"malformed JSON ({e.msg})")
+                problem = _record_problem(record, field_name)
+                if problem:
+                    return _where(resolved, file, f", line {lineno}", problem)
+        except _NotUtf8 as e:
+            return _where(resolved, file, f", line {e.lineno}", "not UTF-8 text")
+    return None
 
 
 def _scan_text(resolved: ResolvedSource, file: str, deadline: float) -> str | None:
     with _open_text(file) as f:
-        lineno = 0
-        while True:
-            try:
-                line = f.readline()
-            except UnicodeDecodeError:
-                return _where(resolved, file, f", line {lineno + 1}", "not UTF-8 text")
-            if not line:
-                return None
-            lineno += 1
-            if lineno % 10_000 == 0 and time.monotonic() > deadline:
-                raise _OutOfTime
+        try:
+            for _ in _numbered_lines(f, deadline):
+                pass
+        except _NotUtf8 as e:
+            return _where(resolved, file, f", line {e.lineno}", "not UTF-8 text")
+    return None
 
 
 def _scan_parquet(resolved: ResolvedSource, file: str, deadline: float) -> str | None:

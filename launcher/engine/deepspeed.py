@@ -41,7 +41,7 @@ def fill_auto(recipe: Recipe, layout: BatchLayout, hidden_size: int, dtype: torc
         params = opt.setdefault("params", {})
         # torch's AdamW (fused on GPU) is as fast as DeepSpeed's FusedAdam and needs no JIT build; offloaded
         # optimizer states need DeepSpeedCPUAdam, which DeepSpeed picks when torch_adam is off.
-        wanted = {"lr": t.lr, "betas": list(t.betas), "eps": t.eps, "weight_decay": t.weight_decay,
+        wanted: dict[str, Any] = {"lr": t.lr, "betas": list(t.betas), "eps": t.eps, "weight_decay": t.weight_decay,
                   "torch_adam": not offload_opt}  # fmt: skip
         for k, v in wanted.items():
             if params.get(k, "auto") == "auto":

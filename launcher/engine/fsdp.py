@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from accelerate import init_empty_weights
+from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -46,7 +48,7 @@ class FsdpEngine(Engine):
         if self.dtype == torch.bfloat16:
             reduce = torch.float32 if f.reduce_dtype == "fp32" else torch.bfloat16
             mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=reduce)
-        kwargs = {"mesh": mesh, "reshard_after_forward": f.reshard_after_forward}
+        kwargs: dict[str, Any] = {"mesh": mesh, "reshard_after_forward": f.reshard_after_forward}
         if mp is not None:
             kwargs["mp_policy"] = mp
         if f.cpu_offload:
@@ -66,9 +68,9 @@ class FsdpEngine(Engine):
         # Each decoder layer is its own FSDP unit, so one layer's all-gather overlaps the previous one's compute;
         # the root unit holds embeddings, final norm and lm_head (tied weights stay one parameter there).
         layer_types = decoder_layer_classes(model)
-        for mod in model.modules():
+        for mod in list(model.modules()):
             if isinstance(mod, layer_types):
-                fully_shard(mod, **kwargs)
+                fully_shard(cast(nn.Module, mod), **kwargs)
         fully_shard(model, **kwargs)
         model.to_empty(device="cpu" if f.cpu_offload else info.device)
         with torch.no_grad():
@@ -85,7 +87,7 @@ class FsdpEngine(Engine):
         self.model = model
         t = recipe.train
         self.optimizer = torch.optim.AdamW(
-            model.parameters(), lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay,
+            model.parameters(), lr=t.lr, betas=(t.betas[0], t.betas[1]), eps=t.eps, weight_decay=t.weight_decay,
             fused=True if dev == "cuda" and not f.cpu_offload else None,
         )  # fmt: skip
         self.scheduler = LambdaLR(self.optimizer, lr_lambda(recipe))
@@ -111,10 +113,10 @@ class FsdpEngine(Engine):
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return total / n, float(norm)
+        return total / n, float(norm.item())
 
     def lr(self) -> float:
-        return self.scheduler.get_last_lr()[0]
+        return float(self.scheduler.get_last_lr()[0])
 
     def save(self, path: Path) -> None:
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
@@ -124,12 +126,11 @@ class FsdpEngine(Engine):
 
     def load(self, path: Path) -> None:
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-        state = {"model": model_sd, "optim": optim_sd}
-        dcp.load(state, checkpoint_id=str(path))
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
+        set_state_dict(self.model, self.optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
         self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         sd = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         dist.barrier()
-        return sd if self.info.rank == 0 else {}
+        return {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)} if self.info.rank == 0 else {}
