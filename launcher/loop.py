@@ -80,7 +80,8 @@ class Trainer:
             recipe=r, output_dir=self.out, world_size=self.info.world_size, grad_accum=self.layout.grad_accum,
             global_batch_size=self.layout.global_batch_size, tokens_per_step=self.layout.tokens_per_step,
             n_params=count_parameters(self.engine.module), start_step=self.step, max_steps=t.max_steps,
-            resumed=self.resumed_from is not None, command=shlex.join(sys.argv),
+            resumed=self.resumed_from is not None,
+            command=shlex.join(["python", "-m", "launcher.train", *sys.argv[1:]]),
         )  # fmt: skip
         self.callbacks.on_train_start(run)
         results: dict[str, dict[str, float]] = {}

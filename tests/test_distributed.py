@@ -9,7 +9,11 @@ import torch
 from conftest import cpt, read_metrics, tiny_recipe, train_losses, write_recipe
 
 ENGINES = {
+    "zero0": ("deepspeed", "zero0.json", {}),
+    "zero1": ("deepspeed", "zero1.json", {}),
     "zero2": ("deepspeed", "zero2.json", {}),
+    "zero3-offload": ("deepspeed", "zero3-offload.json", {}),
+    "fsdp-offload": ("fsdp", "fsdp-offload.yaml", {}),
     "zero3": ("deepspeed", "zero3.json", {}),
     "fsdp": ("fsdp", "fsdp.yaml", {}),
     "hsdp": ("fsdp", "fsdp-hybrid.yaml", {}),
@@ -19,8 +23,9 @@ ENGINES = {
 
 @pytest.fixture(scope="module")
 def parity_runs(assets, tmp_path_factory):
-    """The same tiny recipe under ZeRO-2, ZeRO-3, FSDP2, hybrid-sharded FSDP2 and FSDP2 with activation
-    checkpointing: 2 ranks x micro-batches of 2 x accumulation 2."""
+    """The same tiny recipe under every engine config (ZeRO-0..3, ZeRO-3 offload, FSDP2 full/hybrid/offload) and
+    FSDP2 with activation checkpointing: 2 ranks x micro-batches of 2 x accumulation 2. ZeRO-3 offload trains with
+    DeepSpeedCPUAdam, built on first use."""
     root = tmp_path_factory.mktemp("parity")
     outs = {}
     for name, (engine, config, model) in ENGINES.items():

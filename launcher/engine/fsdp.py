@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, cast
 
@@ -28,6 +29,8 @@ from ..launch import DistInfo
 from ..model import build_model, decoder_layer_classes
 from .base import Batch, Engine, causal_lm_loss, lr_lambda
 
+log = logging.getLogger(__name__)
+
 
 class FsdpEngine(Engine):
     def __init__(self, recipe: Recipe, info: DistInfo, layout: BatchLayout, config: PretrainedConfig):
@@ -51,7 +54,11 @@ class FsdpEngine(Engine):
         kwargs: dict[str, Any] = {"mesh": mesh, "reshard_after_forward": f.reshard_after_forward}
         if mp is not None:
             kwargs["mp_policy"] = mp
-        if f.cpu_offload:
+        # Without a GPU everything already lives in CPU memory, so the same recipe runs there unchanged.
+        offload = f.cpu_offload and dev == "cuda"
+        if f.cpu_offload and not offload:
+            log.info("parallel.fsdp.cpu_offload has no effect without a GPU")
+        if offload:
             kwargs["offload_policy"] = CPUOffloadPolicy()
 
         # Rank 0 reads the weights once; every other rank builds the model on the meta device and receives its
@@ -72,7 +79,7 @@ class FsdpEngine(Engine):
             if isinstance(mod, layer_types):
                 fully_shard(cast(nn.Module, mod), **kwargs)
         fully_shard(model, **kwargs)
-        model.to_empty(device="cpu" if f.cpu_offload else info.device)
+        model.to_empty(device="cpu" if offload else info.device)
         with torch.no_grad():
             for name, value in buffers.items():
                 model.get_buffer(name).copy_(value)
@@ -88,7 +95,7 @@ class FsdpEngine(Engine):
         t = recipe.train
         self.optimizer = torch.optim.AdamW(
             model.parameters(), lr=t.lr, betas=(t.betas[0], t.betas[1]), eps=t.eps, weight_decay=t.weight_decay,
-            fused=True if dev == "cuda" and not f.cpu_offload else None,
+            fused=True if dev == "cuda" and not offload else None,
         )  # fmt: skip
         self.scheduler = LambdaLR(self.optimizer, lr_lambda(recipe))
 
