@@ -138,6 +138,9 @@ def export(checkpoint: Path, out_dir: Path) -> Path:
         holder = {"model": sd}
         dcp.load(holder, checkpoint_id=str(checkpoint))
         sd = holder["model"]
+    elif not any(checkpoint.glob("*optim_states.pt")):
+        # ZeRO-0 without a DeepSpeed optimizer wrapper: the module's weights are whole in the model-states file.
+        sd = torch.load(checkpoint / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)["module"]
     else:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 

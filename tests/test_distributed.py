@@ -72,7 +72,7 @@ def test_every_output_is_written(parity_runs):
     assert "perplexity" in card.lower()
 
 
-@pytest.mark.parametrize("name", ["zero3", "fsdp"])
+@pytest.mark.parametrize("name", ["zero0", "zero2", "zero3", "fsdp"])
 def test_final_model_loads_and_matches_export_of_the_checkpoint(parity_runs, tmp_path, name):
     from transformers import AutoModelForCausalLM
 
