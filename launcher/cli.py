@@ -32,7 +32,7 @@ def run_recipe(recipe_path: str, overrides: list[str]) -> int:
 
         return worker([recipe_path, *overrides])
     recipe = _load(recipe_path, overrides, world_size=_nproc, check_files=True)
-    return spawn_workers("launcher.train", [recipe_path, *overrides], _nproc(recipe))
+    return spawn_workers("launcher.train", [recipe_path, *overrides], _nproc(recipe), recipe.train.preempt_signals)
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -30,6 +30,9 @@ DS_CONFIG_DIR = PACKAGE_ROOT / "ds_configs"
 RECIPE_DIR = PACKAGE_ROOT / "recipes"
 
 
+PREEMPT_SIGNALS = {"SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT", "SIGHUP", "SIGCONT"}
+
+
 class ConfigError(Exception):
     """Every problem found in a recipe, each naming its dotted key (or file)."""
 
@@ -121,6 +124,8 @@ class TrainConfig:
     """Checkpoints kept in output_dir/checkpoints; older ones are removed after a newer one is saved."""
     export_final: bool = True
     """Write a consolidated Hugging Face model to output_dir/final at the end."""
+    preempt_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    """Signals that make every rank finish its step, save a checkpoint and exit with code 75 (requeue me)."""
 
 
 @dataclass
@@ -505,6 +510,8 @@ def _check_values(r: Recipe, problems: list[str]) -> None:
     need(t.log_every > 0, f"train.log_every: must be positive, got {t.log_every}")
     need(t.save_every >= 0, f"train.save_every: must be >= 0, got {t.save_every}")
     need(t.keep_last > 0, f"train.keep_last: must be positive, got {t.keep_last}")
+    for i, name in enumerate(t.preempt_signals):
+        need(name in PREEMPT_SIGNALS, f"train.preempt_signals[{i}]: {name!r} is not one of {sorted(PREEMPT_SIGNALS)}")
     e = r.eval
     need(e.every >= 0, f"eval.every: must be >= 0, got {e.every}")
     if e.micro_batch_size is not None:

@@ -10,15 +10,25 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 log = logging.getLogger(__name__)
+
+# How long torchrun waits for workers to checkpoint after a preemption signal before it kills them.
+SHUTDOWN_TIMEOUT_S = 600
+# Where workers started by ``cpt run`` leave their exit code for it.
+EXIT_STATUS_ENV = "CPT_EXIT_STATUS_FILE"
 
 
 @dataclass(frozen=True)
@@ -137,14 +147,41 @@ def default_nproc(nproc_per_node: int | None) -> int:
     return nproc_per_node or 1
 
 
-def spawn_workers(module: str, args: list[str], nproc: int) -> int:
-    """Run ``python -m module args`` in ``nproc`` workers on this machine through torchrun; its exit code."""
+def spawn_workers(module: str, args: list[str], nproc: int, preempt_signals: Sequence[str] = ()) -> int:
+    """Run ``python -m module args`` in ``nproc`` workers on this machine through torchrun; its exit code.
+
+    Preemption signals sent to this process go to the workers (torchrun forwards them and waits for the
+    checkpoint). torchrun reports any non-zero worker exit as 1, so the workers leave their exit code in a
+    file and a preempted run exits here with the requeue code, whoever received the signal."""
+    from .preemption import PREEMPTED_EXIT_CODE
+
+    forward = sorted({"SIGTERM", "SIGINT", *preempt_signals})
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+        f"--signals-to-handle={','.join(forward)}", f"--shutdown-timeout={SHUTDOWN_TIMEOUT_S}",
         "--module", module, *args,
     ]  # fmt: skip
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     env.setdefault("NCCL_NVLS_ENABLE", "0")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return subprocess.run(cmd, env=env).returncode
+    status = Path(tempfile.mkdtemp(prefix="cpt-")) / "exit_code"
+    env[EXIT_STATUS_ENV] = str(status)
+    proc = subprocess.Popen(cmd, env=env)
+    received: list[str] = []
+
+    def relay(signum: int, frame) -> None:
+        received.append(signal.Signals(signum).name)
+        proc.send_signal(signum)
+
+    previous = {name: signal.signal(getattr(signal, name), relay) for name in forward}
+    try:
+        rc = proc.wait()
+    finally:
+        for name, handler in previous.items():
+            signal.signal(getattr(signal, name), handler)
+    preempted = status.is_file() and status.read_text().strip() == str(PREEMPTED_EXIT_CODE)
+    if preempted or any(name in preempt_signals for name in received):
+        rc = PREEMPTED_EXIT_CODE
+    shutil.rmtree(status.parent, ignore_errors=True)
+    return rc

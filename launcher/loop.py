@@ -22,6 +22,7 @@ from .evaluate import evaluate
 from .launch import DistInfo
 from .metrics import Throughput, flops_per_token, memory_stats, mfu, peak_flops
 from .model import count_parameters, load_config, load_tokenizer, save_hf_model
+from .preemption import PREEMPTED_EXIT_CODE, Preemption
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,7 @@ class Trainer:
         ) if recipe.train.max_steps > 0 else None  # fmt: skip
         self.step = 0
         self.tokens_seen = 0
+        self.preempted = False
         self.resumed_from = self._resume()
         self.eval_sets = {
             name: eval_blocks(src, self.tokenizer, seq_len=d.seq_len, rank=info.rank, world_size=info.world_size,
@@ -94,6 +96,7 @@ class Trainer:
         self.engine.train()
         batches = iter(self.stream)
         speed = Throughput()
+        preemption = Preemption(t.preempt_signals, self.info.device)
         last_eval = -1
         while self.step < t.max_steps:
             start = time.perf_counter()
@@ -111,6 +114,13 @@ class Trainer:
                 results, last_eval = self._evaluate(), self.step
             if t.save_every and self.step % t.save_every == 0 and self.step < t.max_steps:
                 self._save()
+            if preemption.requested():
+                self._save()
+                self.preempted = True
+                log.warning("preempted by %s: checkpoint at step %d committed %.1f s after the signal; exiting "
+                            "with code %d so the job is requeued", preemption.received or "a peer's signal",
+                            self.step, preemption.seconds_since_signal(), PREEMPTED_EXIT_CODE)  # fmt: skip
+                return results
         if self.eval_sets and last_eval != self.step:
             results = self._evaluate()
         self._save()

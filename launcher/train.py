@@ -17,9 +17,11 @@ import logging
 import os
 import sys
 import warnings
+from pathlib import Path
 
 from .config import ConfigError, load_recipe
-from .launch import DistInfo, init_distributed, teardown, use_cpu_accelerator_if_no_gpu
+from .launch import EXIT_STATUS_ENV, DistInfo, init_distributed, teardown, use_cpu_accelerator_if_no_gpu
+from .preemption import PREEMPTED_EXIT_CODE
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -58,10 +60,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from .loop import Trainer
 
-        Trainer(recipe, info).fit()
+        trainer = Trainer(recipe, info)
+        trainer.fit()
     finally:
         teardown()
-    return 0
+    if not trainer.preempted:
+        return 0
+    if info.is_main and os.environ.get(EXIT_STATUS_ENV):
+        Path(os.environ[EXIT_STATUS_ENV]).write_text(str(PREEMPTED_EXIT_CODE))
+    return PREEMPTED_EXIT_CODE
 
 
 if __name__ == "__main__":
