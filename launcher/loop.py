@@ -150,6 +150,7 @@ class Trainer:
             "step_time": step_time,
             "data_wait": data_wait,
             **memory_stats(self.info.device),
+            **(self.stream.metrics() if self.stream is not None else {}),
         }
         self.callbacks.on_step(self.step, metrics)
 

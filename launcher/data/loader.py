@@ -332,6 +332,10 @@ class TrainStream:
             ],
         }
 
+    def metrics(self) -> dict[str, float]:
+        """Data metrics for the training log (rank-local), merged into metrics.jsonl and W&B."""
+        return {}
+
     def state_dict(self) -> dict[str, Any]:
         """The position as plain JSON: micro-batches yielded so far, the current epoch, and each worker's
         (epoch, batches consumed in it) so that a resume need not re-read earlier epochs."""

@@ -49,6 +49,15 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = 
     )
 
 
+MODEL_INPUTS = ("input_ids", "position_ids")
+
+
+def model_inputs(batch: Batch, device: torch.device) -> dict[str, torch.Tensor]:
+    """What the model's forward takes from a batch. ``position_ids`` restart at each document when the data
+    pipeline masks attention across documents in a packed block."""
+    return {k: batch[k].to(device, non_blocking=True) for k in MODEL_INPUTS if k in batch}
+
+
 class Engine(ABC):
     """One interface over DeepSpeed and FSDP2: build and shard, step, evaluate, save, load, gather."""
 

@@ -15,7 +15,7 @@ from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deep
 from ..config import BatchLayout, Recipe
 from ..launch import DistInfo
 from ..model import build_model
-from .base import Batch, Engine, causal_lm_loss, lr_lambda
+from .base import Batch, Engine, causal_lm_loss, lr_lambda, model_inputs
 
 
 def fill_auto(recipe: Recipe, layout: BatchLayout, hidden_size: int, dtype: torch.dtype, cuda: bool) -> dict[str, Any]:
@@ -91,7 +91,7 @@ class DeepSpeedEngine(Engine):
     def train_step(self, micro_batches: list[Batch]) -> tuple[torch.Tensor, float]:
         total = torch.zeros((), device=self.info.device)
         for mb in micro_batches:
-            logits = self.ds(input_ids=mb["input_ids"].to(self.info.device)).logits
+            logits = self.ds(**model_inputs(mb, self.info.device)).logits
             loss = causal_lm_loss(logits, mb["labels"].to(self.info.device))
             self.ds.backward(loss)
             self.ds.step()

@@ -27,7 +27,7 @@ from transformers import AutoModelForCausalLM, PretrainedConfig
 from ..config import BatchLayout, Recipe
 from ..launch import DistInfo
 from ..model import build_model, decoder_layer_classes
-from .base import Batch, Engine, causal_lm_loss, lr_lambda
+from .base import Batch, Engine, causal_lm_loss, lr_lambda, model_inputs
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ class FsdpEngine(Engine):
         for i, mb in enumerate(micro_batches):
             # Reduce-scatter gradients once per optimizer step, not once per micro-batch.
             self.model.set_requires_gradient_sync(i == n - 1)
-            logits = self.model(input_ids=mb["input_ids"].to(self.info.device)).logits
+            logits = self.model(**model_inputs(mb, self.info.device)).logits
             loss = causal_lm_loss(logits, mb["labels"].to(self.info.device))
             (loss / n).backward()
             total += loss.detach()
