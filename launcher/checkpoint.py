@@ -14,18 +14,22 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from .config import to_yaml
 from .engine import Engine
 from .launch import DistInfo
 
 log = logging.getLogger(__name__)
 
 STEP_RE = re.compile(r"^step-(\d+)$")
+MANIFEST = "manifest.json"
 
 
 def checkpoints_dir(output_dir: str | Path) -> Path:
@@ -41,9 +45,61 @@ def complete_checkpoints(output_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found) if (p / "trainer_state.json").is_file()]
 
 
+def verify(path: Path) -> str | None:
+    """Why ``path`` cannot be resumed from (a missing or truncated file, no commit record), or None."""
+    try:
+        json.loads((path / "trainer_state.json").read_text())
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError) as e:
+        return f"unreadable commit record ({e})"
+    for name, size in manifest.items():
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != size:
+            return f"{name} has {f.stat().st_size} bytes, {size} were written"
+    return None
+
+
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    done = complete_checkpoints(output_dir)
-    return done[-1] if done else None
+    """The newest checkpoint that verifies; newer ones that do not are skipped with a warning. Every rank gets
+    rank 0's answer, so all of them resume from the same step."""
+    choice: Path | None = None
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        for path in reversed(complete_checkpoints(output_dir)):
+            problem = verify(path)
+            if problem is None:
+                choice = path
+                break
+            log.warning("skipping checkpoint %s: %s; trying the previous one", path, problem)
+    if dist.is_initialized():
+        box = [str(choice) if choice else None]
+        dist.broadcast_object_list(box, src=0)
+        choice = Path(box[0]) if box[0] else None
+    return choice
+
+
+@contextmanager
+def safe_loading() -> Iterator[None]:
+    """Loads inside use ``torch.load(weights_only=True)``: tensors and plain data only, plus the few DeepSpeed
+    value types its checkpoints hold. Nothing else in a checkpoint is unpickled, so a tampered checkpoint cannot
+    run code. DeepSpeed itself loads with ``weights_only=False``, hence the override."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    original = torch.load
+
+    def load(*args, **kwargs):
+        kwargs["weights_only"] = True
+        return original(*args, **kwargs)
+
+    with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
+        torch.load = load  # type: ignore[assignment]
+        try:
+            yield
+        finally:
+            torch.load = original
 
 
 def _barrier() -> None:
@@ -93,15 +149,35 @@ def save(
     if info.rank == 0:
         engine.config.save_pretrained(tmp / "hf")
         tokenizer.save_pretrained(tmp / "hf")
+        (tmp / "resolved_recipe.yaml").write_text(to_yaml(engine.recipe))
+        # The manifest records every file's size, so a truncated file is caught before a resume trusts it;
+        # trainer_state.json comes last and the rename commits the whole directory at once.
+        files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
+        _write_json(tmp / MANIFEST, files)
         state = {**trainer_state, "step": step, "world_size": info.world_size, "engine": engine.recipe.parallel.engine,
                  "dtype": str(engine.dtype).removeprefix("torch.")}  # fmt: skip
-        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+        _write_json(tmp / "trainer_state.json", state)
         os.replace(tmp, final)
+        _write_atomic(root / "latest", final.name + "\n")
+        # Old checkpoints go only once the new one is committed.
         for old in complete_checkpoints(output_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
         log.info("checkpoint committed: %s", final)
     _barrier()
     return final
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _write_json(path: Path, data: Any) -> None:
+    _write_atomic(path, json.dumps(data, indent=2))
 
 
 def load(engine: Engine, info: DistInfo, path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -112,7 +188,8 @@ def load(engine: Engine, info: DistInfo, path: Path) -> tuple[dict[str, Any], di
             f"{path} was saved with {state.get('world_size')} ranks and this run has {info.world_size}; resuming "
             "with a different world size would change the data order. Run with the original world size."
         )
-    engine.load(path)
+    with safe_loading():
+        engine.load(path)
     data_state = json.loads((path / f"data-rank{info.rank}.json").read_text())
     _set_rng_state(torch.load(path / f"rng-rank{info.rank}.pt", weights_only=True))
     return state, data_state
@@ -144,5 +221,6 @@ def export(checkpoint: Path, out_dir: Path) -> Path:
     else:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        sd = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
+        with safe_loading():
+            sd = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
     return save_hf_model(sd, config, tokenizer, out_dir, dtype)

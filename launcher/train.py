@@ -57,13 +57,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     info: DistInfo = init_distributed(recipe.parallel.timeout_minutes)
-    try:
-        from .loop import Trainer
+    from .loop import Trainer
 
-        trainer = Trainer(recipe, info)
-        trainer.fit()
-    finally:
-        teardown()
+    # On failure no barrier: the peers may be inside another collective, and waiting for them would turn one
+    # rank's error into a hang. Exiting lets the launcher stop the others.
+    trainer = Trainer(recipe, info)
+    trainer.fit()
+    teardown()
     if not trainer.preempted:
         return 0
     if info.is_main and os.environ.get(EXIT_STATUS_ENV):
