@@ -181,12 +181,24 @@ def _write_json(path: Path, data: Any) -> None:
 
 
 def load(engine: Engine, info: DistInfo, path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Restore engine, RNG; return (trainer_state, this rank's data state). Collective."""
+    """Restore engine, RNG; return (trainer_state, this rank's data state). Collective.
+
+    A checkpoint is resumed only with the world size it was saved with; any other is refused before anything is
+    loaded. The data order is not a property of the data alone: every (rank, DataLoader worker) reads its own
+    part of every source, and which documents a rank's batches hold -- and where the document cut by the end of
+    its last batch continues -- follows from that division. With another world size the saved positions
+    describe parts that no longer exist, so the run could only approximate where it was (skipping as many
+    batches as were consumed), seeing some documents twice and skipping others without saying so.
+    """
     state = json.loads((path / "trainer_state.json").read_text())
-    if state.get("world_size") != info.world_size:
+    saved = state.get("world_size")
+    if saved != info.world_size:
         raise RuntimeError(
-            f"{path} was saved with {state.get('world_size')} ranks and this run has {info.world_size}; resuming "
-            "with a different world size would change the data order. Run with the original world size."
+            f"cannot resume {path}: it was saved by {saved} ranks (processes) and this run has {info.world_size}. "
+            f"The data position of each rank is only valid for the world size it was saved with, so a resume "
+            f"with another one would repeat some documents and skip others. Run with {saved} ranks "
+            f"(e.g. parallel.nproc_per_node={saved} on one machine), or point output_dir somewhere else to "
+            "start a new run from the base model."
         )
     with safe_loading():
         engine.load(path)
@@ -195,7 +207,7 @@ def load(engine: Engine, info: DistInfo, path: Path) -> tuple[dict[str, Any], di
     return state, data_state
 
 
-def export(checkpoint: Path, out_dir: Path) -> Path:
+def export(checkpoint: Path, out_dir: Path, max_shard_size: str = "5GB") -> Path:
     """A consolidated Hugging Face model from a checkpoint, in one process, without a process group."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -223,4 +235,4 @@ def export(checkpoint: Path, out_dir: Path) -> Path:
 
         with safe_loading():
             sd = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
-    return save_hf_model(sd, config, tokenizer, out_dir, dtype)
+    return save_hf_model(sd, config, tokenizer, out_dir, dtype, max_shard_size=max_shard_size)

@@ -87,7 +87,7 @@ def _count_params(cfg) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from .checkpoint import export
 
-    out = export(Path(args.checkpoint), Path(args.out))
+    out = export(Path(args.checkpoint), Path(args.out), max_shard_size=args.max_shard_size)
     print(f"Hugging Face model written to {out}")
     return 0
 
@@ -151,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     x = sub.add_parser("export", help="consolidated Hugging Face model from a checkpoint")
     x.add_argument("checkpoint")
     x.add_argument("out")
+    x.add_argument("--max-shard-size", default="5GB", help="largest safetensors file, e.g. 5GB, 500MB")
     x.set_defaults(func=cmd_export)
 
     q = sub.add_parser("quickstart", help="the whole workflow on this machine, no GPU or network needed")

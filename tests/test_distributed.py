@@ -78,7 +78,8 @@ def test_final_model_loads_and_matches_export_of_the_checkpoint(parity_runs, tmp
 
     out = parity_runs[name]
     final = AutoModelForCausalLM.from_pretrained(out / "final")
-    cpt("export", str(out / "checkpoints" / "step-5"), str(tmp_path / "exported"))
+    cpt("export", str(out / "checkpoints" / "step-5"), str(tmp_path / "exported"), "--max-shard-size", "100KB")
+    assert len(list((tmp_path / "exported").glob("model-*.safetensors"))) > 1, "not sharded by size"
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "exported")
     ids = torch.randint(0, final.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
