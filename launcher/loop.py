@@ -114,6 +114,7 @@ class Trainer:
                 results, last_eval = self._evaluate(), self.step
             if t.save_every and self.step % t.save_every == 0 and self.step < t.max_steps:
                 self._save()
+            preemption.note_step(time.perf_counter() - start)
             if preemption.requested():
                 self._save()
                 self.preempted = True
