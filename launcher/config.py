@@ -53,7 +53,14 @@ class SourceConfig:
     text_field: str = "text"
     """Column holding the document text (ignored for .txt files, where each line is a document)."""
     weight: float = 1.0
-    """Relative sampling weight when several training sources are mixed."""
+    """Relative sampling weight when several training sources are mixed: the share of the training tokens this
+    source is meant to supply (checked in the log as ``data/mix/<label>``)."""
+    token_budget: int | None = None
+    """Tokens this source supplies per pass, over all ranks, under ``data.stopping: token_budget``. Set it on
+    every training source, or set ``data.token_budget`` instead to split one total by the weights."""
+    label: str | None = None
+    """Name of this source in the logged mixture proportions (``data/mix/<label>``). Defaults to the file,
+    directory or dataset name."""
 
 
 @dataclass
@@ -84,7 +91,30 @@ class DataConfig:
     prefetch_factor: int = 4
     """Batches each DataLoader worker prepares ahead."""
     shuffle_buffer: int = 0
-    """Documents held in the streaming shuffle buffer (0 = read in order)."""
+    """Shuffling, in documents (0 = read in order). When set, the order of the files (or Parquet row groups) is
+    shuffled anew in every pass over a source, and each file is read in windows of this many documents whose
+    order is shuffled. A window is held in memory (untokenized) per source and DataLoader worker; a resume
+    re-reads at most one file per source."""
+    stopping: Literal["all_exhausted", "first_exhausted", "token_budget"] = "all_exhausted"
+    """When a pass over a mixture of sources ends. The stream never ends: after a pass the next one starts, and
+    ``train.max_steps`` decides how much is trained. ``all_exhausted``: every source is read to its end at least
+    once per pass; a source that runs out before the others starts over (reshuffled), so the proportions follow
+    the weights throughout and smaller sources are repeated. ``first_exhausted``: the pass ends when the first
+    source runs out and the next pass starts every source from its beginning (reshuffled): nothing repeats
+    within a pass, and the rest of the larger sources is not read in it. ``token_budget``: each source supplies
+    its token budget per pass (``token_budget`` on each source, or ``data.token_budget`` split by weight); a
+    source that runs out starts over, one that reaches its budget rests until the pass ends, and every source
+    continues where it stopped in the next pass, so a large source gives new documents in every pass. With one
+    source the three agree. Each rank and DataLoader worker applies the rule to its own share of the data."""
+    token_budget: int | None = None
+    """Under ``stopping: token_budget``: tokens per pass over all sources and ranks, split among the sources by
+    their weights. Leave empty when every source sets its own ``token_budget``."""
+    document_masking: bool = False
+    """Keep attention inside each document of a packed block: the blocks carry ``position_ids`` that restart
+    at 0 after every EOS, which transformers turns into per-document attention (varlen kernels under
+    flash_attention_2, a block-diagonal causal mask under sdpa and eager). Off: every token attends to all
+    earlier tokens of its block, across document boundaries. Masks built for sdpa and eager cost memory and
+    time that grow with seq_len squared; flash_attention_2 is the fast choice. Evaluation is unaffected."""
 
 
 @dataclass
@@ -257,7 +287,7 @@ def _load_recipe_tree(path: Path, problems: list[str], seen: tuple[Path, ...] = 
         return OmegaConf.create({})
     data = _read_yaml(path, problems)
     parent = data.pop("extends", None)
-    tree = OmegaConf.create(data)
+    tree = _create(data, problems, str(path))
     if parent is None:
         return tree
     if not isinstance(parent, str):
@@ -267,7 +297,29 @@ def _load_recipe_tree(path: Path, problems: list[str], seen: tuple[Path, ...] = 
     if not parent_path.is_file():
         problems.append(f"{path}: extends: no such recipe {parent_path}")
         return tree
-    merged = OmegaConf.merge(_load_recipe_tree(parent_path, problems, (*seen, path)), tree)
+    return _merge([_load_recipe_tree(parent_path, problems, (*seen, path)), tree], problems, f"{path}: extends")
+
+
+def _create(data: Any, problems: list[str], where: str) -> DictConfig:
+    try:
+        tree = OmegaConf.create(data)
+    except Exception as e:  # OmegaConf refuses some keys and values with several error types
+        problems.append(f"{where}: {e}")
+        return OmegaConf.create({})
+    if not isinstance(tree, DictConfig):
+        problems.append(f"{where}: expected a mapping of sections")
+        return OmegaConf.create({})
+    return tree
+
+
+def _merge(trees: list[DictConfig], problems: list[str], where: str) -> DictConfig:
+    """Later trees win. A value whose shape cannot be merged (a list over a mapping, say) is a problem named
+    here, not a crash."""
+    try:
+        merged = OmegaConf.merge(*trees)
+    except Exception as e:
+        problems.append(f"{where}: cannot merge: {e}".replace("\n", " "))
+        return trees[0]
     assert isinstance(merged, DictConfig)
     return merged
 
@@ -282,9 +334,12 @@ def resolve_engine_config_path(name: str) -> Path:
 
 def _load_engine_config(tree: DictConfig, problems: list[str]) -> DictConfig:
     """The engine config file named by ``parallel.config``, as a recipe fragment to merge."""
-    name = OmegaConf.select(tree, "parallel.config", default=ParallelConfig.config)
-    engine = OmegaConf.select(tree, "parallel.engine", default=ParallelConfig.engine)
-    if not isinstance(name, str):
+    raw = OmegaConf.to_container(tree, resolve=False)
+    parallel = raw.get("parallel") if isinstance(raw, dict) else None
+    parallel = parallel if isinstance(parallel, dict) else {}
+    name = parallel.get("config", ParallelConfig.config)
+    engine = parallel.get("engine", ParallelConfig.engine)
+    if not isinstance(name, str) or not name:
         return OmegaConf.create({})
     path = resolve_engine_config_path(name)
     if not path.is_file():
@@ -298,11 +353,11 @@ def _load_engine_config(tree: DictConfig, problems: list[str]) -> DictConfig:
             return OmegaConf.create({})
         if engine != "deepspeed":
             problems.append(f"parallel.config: {path.name} is a DeepSpeed config but parallel.engine is {engine!r}")
-        return OmegaConf.create({"parallel": {"deepspeed": ds}})
+        return _create({"parallel": {"deepspeed": ds}}, problems, str(path))
     data = _read_yaml(path, problems)
     if engine != "fsdp" and data:
         problems.append(f"parallel.config: {path.name} is an FSDP config but parallel.engine is {engine!r}")
-    return OmegaConf.create({"parallel": {"fsdp": data}})
+    return _create({"parallel": {"fsdp": data}}, problems, str(path))
 
 
 def parse_overrides(overrides: list[str], problems: list[str]) -> DictConfig:
@@ -334,10 +389,8 @@ def load_recipe(
     tree = _load_recipe_tree(path, problems)
     cli = parse_overrides(list(overrides), problems)
     # The engine config is named by the recipe or an override, and merges between the two.
-    named = OmegaConf.merge(tree, cli)
-    assert isinstance(named, DictConfig)
-    engine_cfg = _load_engine_config(named, problems)
-    merged = OmegaConf.merge(tree, engine_cfg, cli)
+    engine_cfg = _load_engine_config(_merge([tree, cli], [], "overrides"), problems)
+    merged = _merge([tree, engine_cfg, cli], problems, "overrides")
     raw = OmegaConf.to_container(merged, resolve=False)
     assert isinstance(raw, dict)
     _check_no_interpolation(raw, "", problems)
@@ -487,7 +540,11 @@ def _check_values(r: Recipe, problems: list[str]) -> None:
     for i, s in enumerate(d.train):
         _check_source(s, f"data.train[{i}]", problems)
     for name, s in r.eval.sets.items():
-        _check_source(s, f"eval.sets.{name}", problems)
+        _check_source(s, f"eval.sets.{name}", problems, train=False)
+    _check_budgets(d, problems)
+    labels = [s.label for s in d.train if s.label]
+    for label in sorted({x for x in labels if labels.count(x) > 1}):
+        problems.append(f"data.train: label {label!r} names more than one source; labels must be unique")
     need(t.max_steps >= 0, f"train.max_steps: must be >= 0, got {t.max_steps}")
     need(t.micro_batch_size > 0, f"train.micro_batch_size: must be positive, got {t.micro_batch_size}")
     if t.global_batch_size is not None:
@@ -537,7 +594,25 @@ def check_paths(r: Recipe) -> list[str]:
                        ("model.tokenizer", m.tokenizer)):  # fmt: skip
         if value and _looks_local(value) and not Path(value).exists():
             problems.append(f"{key}: no such file or directory {value}")
+    source = m.name_or_path or m.from_config
+    if not problems and source and _looks_local(source):
+        problems += _check_model_config(r, Path(source))
     return problems
+
+
+def _check_model_config(r: Recipe, source: Path) -> list[str]:
+    """What the model's own config rules out: blocks longer than its positions, a missing config.json."""
+    path = source if source.is_file() else source / "config.json"
+    key = "model.name_or_path" if r.model.name_or_path else "model.from_config"
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        return [f"{key}: cannot read the model config {path} ({e})"]
+    cfg = cfg.get("text_config", cfg)
+    limit = cfg.get("max_position_embeddings")
+    if isinstance(limit, int) and r.data.seq_len > limit:
+        return [f"data.seq_len: {r.data.seq_len} is longer than the model's max_position_embeddings {limit} ({path})"]
+    return []
 
 
 def _looks_local(name: str) -> bool:
@@ -545,13 +620,46 @@ def _looks_local(name: str) -> bool:
     return name.startswith(("/", ".", "~")) or name.count("/") != 1 or Path(name).exists()
 
 
-def _check_source(s: SourceConfig, key: str, problems: list[str]) -> None:
+def _check_source(s: SourceConfig, key: str, problems: list[str], *, train: bool = True) -> None:
     if not s.path:
         problems.append(f"{key}.path: must not be empty")
     if not (s.weight > 0 and math.isfinite(s.weight)):
         problems.append(f"{key}.weight: must be a positive number, got {s.weight}")
     if not s.text_field:
         problems.append(f"{key}.text_field: must not be empty")
+    if s.token_budget is not None:
+        if not train:
+            problems.append(f"{key}.token_budget: only training sources have a token budget; remove it")
+        elif s.token_budget <= 0:
+            problems.append(f"{key}.token_budget: must be positive, got {s.token_budget}")
+    if s.label is not None and not s.label.strip():
+        problems.append(f"{key}.label: must not be empty")
+
+
+def _check_budgets(d: DataConfig, problems: list[str]) -> None:
+    """Token budgets are set in exactly one way, and only under ``stopping: token_budget``."""
+    own = [i for i, s in enumerate(d.train) if s.token_budget is not None]
+    if d.token_budget is not None and d.token_budget <= 0:
+        problems.append(f"data.token_budget: must be positive, got {d.token_budget}")
+    if d.stopping != "token_budget":
+        if d.token_budget is not None:
+            problems.append(f"data.token_budget: only used with data.stopping=token_budget (it is {d.stopping!r})")
+        for i in own:
+            problems.append(
+                f"data.train[{i}].token_budget: only used with data.stopping=token_budget (it is {d.stopping!r})"
+            )
+        return
+    if d.token_budget is not None and own:
+        problems.append(
+            "data.token_budget: set either data.token_budget (split by weight) or token_budget on every "
+            f"training source, not both (data.train[{own[0]}] sets one)"
+        )
+    elif d.token_budget is None and d.train and len(own) < len(d.train):
+        missing = ", ".join(f"data.train[{i}]" for i in range(len(d.train)) if i not in own)
+        problems.append(
+            f"data.stopping: token_budget needs data.token_budget, or token_budget on every source ({missing} "
+            "has none)"
+        )
 
 
 def _check_deepspeed(r: Recipe, problems: list[str]) -> None:
