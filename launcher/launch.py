@@ -233,16 +233,24 @@ def _expected_nodes(env: dict[str, str], launcher: str) -> int | None:
     return int(value) if value else None
 
 
+def _labels(keys: Sequence[str]) -> dict[str, str]:
+    """Display names for node keys: the node name, with the launcher's node rank where names repeat."""
+    names = [k.split("#")[0] for k in keys]
+    return {k: (k.replace("#", " agent ") if names.count(n) > 1 else n) for k, n in zip(keys, names)}
+
+
 def check_world(records: list[dict[str, Any]]) -> list[str]:
     """Problems with the world layout gathered from every rank (empty when it is consistent).
 
-    Each record: rank, node, host, local_rank, local_world, gpus (CUDA devices visible), expected_nodes."""
+    Each record: rank, node, host, local_rank, local_world (None: not given), gpus (CUDA devices visible),
+    gpu_id (the GPU's UUID, None on CPU), device, expected_nodes (None: not given)."""
     problems: list[str] = []
     nodes: dict[str, list[dict[str, Any]]] = {}
     for r in records:
         nodes.setdefault(r["node"], []).append(r)
+    label = _labels(list(nodes))
     for node, members in nodes.items():
-        where = f"node {node.split('#')[0]} (host {members[0]['host']})"
+        where = f"node {label[node]} (host {members[0]['host']})"
         said = sorted({m["local_world"] for m in members if m["local_world"] is not None})
         local_ranks = sorted(m["local_rank"] for m in members)
         if (said and said != [len(members)]) or local_ranks != list(range(len(members))):
@@ -253,19 +261,24 @@ def check_world(records: list[dict[str, Any]]) -> list[str]:
         gpus = sorted({m["gpus"] for m in members})
         if len(gpus) > 1:
             problems.append(f"{where}: ranks see different numbers of GPUs ({gpus})")
-        elif gpus[0] and len(members) > gpus[0]:
-            problems.append(f"{where} runs {len(members)} workers but has {gpus[0]} GPUs: workers would share GPUs")
+        users: dict[str, list[int]] = {}
+        for m in members:
+            if m.get("gpu_id"):
+                users.setdefault(m["gpu_id"], []).append(m["rank"])
+        for gpu, ranks in users.items():
+            if len(ranks) > 1:
+                problems.append(f"{where}: ranks {ranks} share one GPU ({gpu}); start one worker per GPU")
     per_node = {n: len(m) for n, m in nodes.items()}
     if len(set(per_node.values())) > 1:
         problems.append(
             "nodes run different numbers of workers: "
-            + ", ".join(f"{n.split('#')[0]}={c}" for n, c in sorted(per_node.items()))
+            + ", ".join(f"{label[n]}={c}" for n, c in sorted(per_node.items()))
         )
     gpu_counts = {n: m[0]["gpus"] for n, m in nodes.items()}
     if len(set(gpu_counts.values())) > 1:
         problems.append(
             "nodes have different numbers of GPUs: "
-            + ", ".join(f"{n.split('#')[0]}={c}" for n, c in sorted(gpu_counts.items()))
+            + ", ".join(f"{label[n]}={c}" for n, c in sorted(gpu_counts.items()))
         )
     expected = sorted({r["expected_nodes"] for r in records if r["expected_nodes"] is not None})
     if len(expected) > 1:
@@ -280,15 +293,15 @@ def describe_world(records: list[dict[str, Any]], backend: str, launcher: str) -
     for r in records:
         nodes.setdefault(r["node"], []).append(r)
     per_node = sorted({len(m) for m in nodes.values()})
+    label = _labels(list(nodes))
+    ranks = f"{len(records)} rank" + ("s" if len(records) != 1 else "")
     lines = [
-        f"world: {len(nodes)} node(s) x {'/'.join(map(str, per_node))} worker(s) = {len(records)} ranks "
-        f"({launcher}, {backend})"
+        f"world: {len(nodes)} node(s) x {'/'.join(map(str, per_node))} worker(s) = {ranks} ({launcher}, {backend})"
     ]
     for node, members in nodes.items():
         members = sorted(members, key=lambda m: m["rank"])
         lines.append(
-            f"  {node.split('#')[0]} ({members[0]['host']}): ranks "
-            + ", ".join(f"{m['rank']}:{m['device']}" for m in members)
+            f"  {label[node]} ({members[0]['host']}): ranks " + ", ".join(f"{m['rank']}:{m['device']}" for m in members)
         )
     return "\n".join(lines)
 
@@ -299,9 +312,15 @@ def _init_timeout(timeout_minutes: float, env: dict[str, str]) -> float:
     return min(INIT_TIMEOUT_S, timeout_minutes * 60)
 
 
-def init_distributed(timeout_minutes: float) -> DistInfo:
-    """Create the process group from the launcher's environment (a world of one when there is none), then check
-    that every rank agrees on the layout. Raises LaunchError, naming what differs, instead of hanging."""
+_applied: list[str | None] = []  # what apply_launcher_env found, once per process
+
+
+def apply_launcher_env() -> str | None:
+    """Put RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT in the environment of a
+    worker whatever launched it (Slurm's srun sets only its own variables; nothing at all: a world of one) and
+    return the launcher's name (None: nothing). Once per process; a worker may call it before it reads RANK."""
+    if _applied:
+        return _applied[0]
     env = dict(os.environ)
     launcher = _worker_launcher(env)
     if launcher == "slurm":
@@ -311,6 +330,14 @@ def init_distributed(timeout_minutes: float) -> DistInfo:
             {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
         )
         os.environ.setdefault("MASTER_PORT", str(free_port()))
+    _applied.append(launcher)
+    return launcher
+
+
+def init_distributed(timeout_minutes: float) -> DistInfo:
+    """Create the process group from the launcher's environment (a world of one when there is none), then check
+    that every rank agrees on the layout. Raises LaunchError, naming what differs, instead of hanging."""
+    launcher = apply_launcher_env()
     env = dict(os.environ)
     rank = int(env["RANK"])
     world = int(env["WORLD_SIZE"])
@@ -330,16 +357,15 @@ def init_distributed(timeout_minutes: float) -> DistInfo:
             f"rank {rank} on {host}: the rendezvous host MASTER_ADDR={master!r} does not resolve here ({name}); "
             "set MASTER_ADDR to an address every node can reach"
         )
+    gpu_id: str | None = None
     if torch.cuda.is_available():
         gpus = torch.cuda.device_count()
-        if local_rank >= gpus:
-            raise LaunchError(
-                f"rank {rank} on {host}: local rank {local_rank} but only {gpus} GPU(s) are visible "
-                f"(CUDA_VISIBLE_DEVICES={env.get('CUDA_VISIBLE_DEVICES', 'unset')}); start one worker per GPU"
-            )
-        device = torch.device("cuda", local_rank)
+        # One GPU visible per task (srun --gpus-per-task=1) is cuda:0 for every local rank.
+        device = torch.device("cuda", local_rank % gpus)
         torch.cuda.set_device(device)
         backend = "cpu:gloo,cuda:nccl"
+        with contextlib.suppress(Exception):
+            gpu_id = str(torch.cuda.get_device_properties(device).uuid)
     else:
         gpus = 0
         device = torch.device("cpu")
@@ -352,6 +378,7 @@ def init_distributed(timeout_minutes: float) -> DistInfo:
         "local_rank": local_rank,
         "local_world": int(said) if said else None,
         "gpus": gpus,
+        "gpu_id": gpu_id,
         "device": str(device),
         "expected_nodes": _expected_nodes(env, name),
     }
@@ -468,6 +495,8 @@ def _srun_command(env: dict[str, str]) -> list[str] | None:
     cpus = _expand_counts(env.get("SLURM_JOB_CPUS_PER_NODE", ""))
     if cpus:
         cmd.append(f"--cpus-per-task={min(cpus)}")
+    if env.get("SLURM_GPUS_PER_NODE"):
+        cmd.append(f"--gpus-per-node={env['SLURM_GPUS_PER_NODE']}")
     return [*cmd, sys.executable, "-m", "launcher", *sys.argv[1:]]
 
 
@@ -529,23 +558,24 @@ def _run_relaying(cmd: list[str], env: dict[str, str], relay: list[str], preempt
     proc = subprocess.Popen(cmd, env=env, preexec_fn=preexec)
     received: list[str] = []
 
-    def targets(name: str) -> list[int]:
-        if name not in preempt or preexec is None:
-            return [proc.pid]
+    def targets(signum: int) -> list[tuple[int, int]]:
+        """(pid, signal) pairs to send."""
+        if signal.Signals(signum).name not in preempt or preexec is None:
+            return [(proc.pid, signum)]
         try:
-            import psutil
+            import psutil  # a dependency of deepspeed
 
             workers = [c.pid for c in psutil.Process(proc.pid).children()]
-        except Exception:  # psutil missing or the process gone: torchrun then passes the signal on itself
+        except Exception:
             workers = []
-        return workers or [proc.pid]
+        # No workers yet (torchrun is still at the rendezvous): nothing to checkpoint, so stop torchrun.
+        return [(pid, signum) for pid in workers] or [(proc.pid, signal.SIGINT)]
 
     def handler(signum: int, frame) -> None:
-        name = signal.Signals(signum).name
-        received.append(name)
-        for pid in targets(name):
+        received.append(signal.Signals(signum).name)
+        for pid, sig in targets(signum):
             with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signum)
+                os.kill(pid, sig)
 
     previous = {name: signal.signal(getattr(signal, name), handler) for name in relay}
     try:
