@@ -20,13 +20,15 @@ ENGINES = [("deepspeed", "zero3.json"), ("fsdp", "fsdp.yaml")]
 
 def recipe_for(assets, tmp_path: Path, name: str, engine: str, config: str, **train) -> tuple[Path, Path]:
     out = tmp_path / name
-    tree = tiny_recipe(assets, out, train={"max_steps": 8, "save_every": 2, "keep_last": 3, "log_every": 1, **train},
-                       eval={"sets": {}}, parallel={"engine": engine, "config": config, "nproc_per_node": 2})  # fmt: skip
+    train = {"max_steps": 8, "save_every": 2, "keep_last": 3, "log_every": 1, **train}
+    parallel = {"engine": engine, "config": config, "nproc_per_node": 2}
+    tree = tiny_recipe(assets, out, train=train, eval={"sets": {}}, parallel=parallel)
     return write_recipe(tmp_path / f"{name}.yaml", tree), out
 
 
 def committed_steps(out: Path) -> list[int]:
-    return sorted(int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("step-*") if not p.name.endswith(".tmp"))
+    names = [p.name for p in (out / "checkpoints").glob("step-*") if not p.name.endswith(".tmp")]
+    return sorted(int(n.split("-")[1]) for n in names)
 
 
 @pytest.mark.parametrize("engine, config", ENGINES)

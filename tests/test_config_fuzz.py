@@ -23,10 +23,15 @@ def schema_keys(tp=Recipe) -> list[str]:
 
 
 KEYS = st.sampled_from(schema_keys() + ["extends", "path", "weight", "deepspeed", "zero_optimization", "stage"])
-SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-5, 10_000), st.floats(allow_nan=True),
-                    st.text(max_size=12), st.sampled_from(["zero3.json", "fsdp.yaml", "deepspeed", "fsdp", "auto"]))  # fmt: skip
-TREES = st.recursive(SCALARS, lambda inner: st.one_of(st.lists(inner, max_size=4),
-                                                      st.dictionaries(KEYS, inner, max_size=6)), max_leaves=30)  # fmt: skip
+WORDS = st.sampled_from(["zero3.json", "fsdp.yaml", "deepspeed", "fsdp", "auto"])
+SCALARS = st.one_of(
+    st.none(), st.booleans(), st.integers(-5, 10_000), st.floats(allow_nan=True), st.text(max_size=12), WORDS
+)
+TREES = st.recursive(
+    SCALARS,
+    lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(KEYS, inner, max_size=6)),
+    max_leaves=30,
+)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
