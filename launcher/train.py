@@ -20,7 +20,15 @@ import warnings
 from pathlib import Path
 
 from .config import ConfigError, load_recipe
-from .launch import EXIT_STATUS_ENV, DistInfo, init_distributed, teardown, use_cpu_accelerator_if_no_gpu
+from .launch import (
+    EXIT_STATUS_ENV,
+    DistInfo,
+    LaunchError,
+    apply_launcher_env,
+    init_distributed,
+    teardown,
+    use_cpu_accelerator_if_no_gpu,
+)
 from .preemption import PREEMPTED_EXIT_CODE
 
 
@@ -47,6 +55,7 @@ def setup_logging(rank: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    apply_launcher_env()  # srun sets only its own variables: map them before anything reads RANK or WORLD_SIZE
     setup_logging(int(os.environ.get("RANK", "0")))
     use_cpu_accelerator_if_no_gpu()
     try:
@@ -56,19 +65,22 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    info: DistInfo = init_distributed(recipe.parallel.timeout_minutes)
+    try:
+        info: DistInfo = init_distributed(recipe.parallel.timeout_minutes)
+    except LaunchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     from .loop import Trainer
 
     # On failure no barrier: the peers may be inside another collective, and waiting for them would turn one
     # rank's error into a hang. Exiting lets the launcher stop the others.
     trainer = Trainer(recipe, info)
     trainer.fit()
-    teardown()
-    if not trainer.preempted:
-        return 0
-    if info.is_main and os.environ.get(EXIT_STATUS_ENV):
+    if trainer.preempted and info.is_main and os.environ.get(EXIT_STATUS_ENV):
+        # Before teardown, so the launcher that reads it never sees the workers gone and the file not yet there.
         Path(os.environ[EXIT_STATUS_ENV]).write_text(str(PREEMPTED_EXIT_CODE))
-    return PREEMPTED_EXIT_CODE
+    teardown()
+    return PREEMPTED_EXIT_CODE if trainer.preempted else 0
 
 
 if __name__ == "__main__":
