@@ -138,7 +138,7 @@ PartitionName={self.partition} Nodes={",".join(self.nodes)} Default=YES MaxTime=
         self._wait(self._ctld_up, timeout, "slurmctld did not answer")
         for n in self.nodes:
             self._spawn(f"slurmd-{n}", [which("slurmd") or "slurmd", "-D", "-N", n, "-f", str(self.conf)])
-        self._wait(self._all_idle, timeout, "the nodes did not become idle")
+        self._wait(self.nodes_idle, timeout, "the nodes did not become idle")
 
     def _ctld_up(self) -> bool:
         return self.run(["scontrol", "ping"], check=False).returncode == 0
@@ -147,7 +147,7 @@ PartitionName={self.partition} Nodes={",".join(self.nodes)} Default=YES MaxTime=
         p = self.run(["sinfo", "-h", "-N", "-o", "%N %t"], check=False)
         return dict(line.split() for line in p.stdout.splitlines() if line.strip())
 
-    def _all_idle(self) -> bool:
+    def nodes_idle(self) -> bool:
         states = self.node_states()
         return all(states.get(n) == "idle" for n in self.nodes)
 

@@ -58,7 +58,10 @@ def wait_for_job(cluster: SlurmCluster, job: str, log: Path, timeout: float = 24
         j = cluster.job(job)
         if j["JobState"] in FINISHED:
             return j
-        if j["JobState"] == "PENDING" and j.get("Reason") == "BeginTime":
+        # only once the first run has fully left the nodes: a restart that starts while its batch script is still
+        # exiting (it is the one that called `scontrol requeue`) fails at launch with exit code 1
+        if (j["JobState"] == "PENDING" and j.get("Reason") == "BeginTime" and cluster.nodes_idle()
+                and not cluster.step_processes()):
             cluster.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=False)
         time.sleep(0.5)
     cluster.run(["scancel", job], check=False)
@@ -132,7 +135,7 @@ def test_preemption_checkpoints_requeues_and_resumes(cluster, assets, tmp_path, 
     cluster.run(["scancel", *scancel, job_id])
     job = wait_for_job(cluster, job_id, log)
     out_text = text(log)
-    assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0", f"{job}\n{out_text[-6000:]}"
+    assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0", f"{job}\n{out_text[-6000:]}\n{cluster.logs()}"
     assert job["Restarts"] == "1", out_text[-6000:]
     assert ("SIGUSR1 received, passing it to the workers" in out_text) == via_script
     assert "preempted by SIGUSR1: checkpoint at step" in out_text and "requeueing job" in out_text
