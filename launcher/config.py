@@ -53,8 +53,9 @@ class SourceConfig:
     text_field: str = "text"
     """Column holding the document text (ignored for .txt files, where each line is a document)."""
     weight: float = 1.0
-    """Relative sampling weight when several training sources are mixed: the share of the training tokens this
-    source is meant to supply (checked in the log as ``data/mix/<label>``)."""
+    """Relative share of the training tokens when several training sources are mixed. Each reader takes its next
+    document from the source furthest below its share so far, so the proportions in tokens follow the weights
+    within about one document, whatever the document lengths (logged as ``data/mix/<label>``)."""
     token_budget: int | None = None
     """Tokens this source supplies per pass, over all ranks, under ``data.stopping: token_budget``. Set it on
     every training source, or set ``data.token_budget`` instead to split one total by the weights."""
@@ -112,9 +113,10 @@ class DataConfig:
     document_masking: bool = False
     """Keep attention inside each document of a packed block: the blocks carry ``position_ids`` that restart
     at 0 after every EOS, which transformers turns into per-document attention (varlen kernels under
-    flash_attention_2, a block-diagonal causal mask under sdpa and eager). Off: every token attends to all
-    earlier tokens of its block, across document boundaries. Masks built for sdpa and eager cost memory and
-    time that grow with seq_len squared; flash_attention_2 is the fast choice. Evaluation is unaffected."""
+    flash_attention_2, a block-diagonal causal mask under sdpa and eager) and per-document rotary positions.
+    Off: every token attends to all earlier tokens of its block, across document boundaries. The masks built
+    for sdpa and eager take memory and time that grow with seq_len squared, where sdpa without masking runs its
+    causal kernel; flash_attention_2 is the fast choice. Evaluation scores its blocks without masking."""
 
 
 @dataclass
@@ -657,8 +659,7 @@ def _check_budgets(d: DataConfig, problems: list[str]) -> None:
     elif d.token_budget is None and d.train and len(own) < len(d.train):
         missing = ", ".join(f"data.train[{i}]" for i in range(len(d.train)) if i not in own)
         problems.append(
-            f"data.stopping: token_budget needs data.token_budget, or token_budget on every source ({missing} "
-            "has none)"
+            f"data.stopping: token_budget needs data.token_budget, or token_budget on every source ({missing} has none)"
         )
 
 

@@ -44,11 +44,18 @@ class Trainer:
         self.engine: Engine = build_engine(recipe, info, self.layout, self.config)
         d = recipe.data
         # An evaluation-only run (train.max_steps=0) needs no training data.
-        self.stream = TrainStream(
-            d.train, self.tokenizer, seq_len=d.seq_len, micro_batch_size=self.layout.micro_batch_size,
-            rank=info.rank, world_size=info.world_size, seed=recipe.train.seed, num_workers=d.num_workers,
-            prefetch_factor=d.prefetch_factor, shuffle_buffer=d.shuffle_buffer,
-        ) if recipe.train.max_steps > 0 else None  # fmt: skip
+        self.stream = (
+            TrainStream.from_config(
+                d,
+                self.tokenizer,
+                micro_batch_size=self.layout.micro_batch_size,
+                rank=info.rank,
+                world_size=info.world_size,
+                seed=recipe.train.seed,
+            )
+            if recipe.train.max_steps > 0
+            else None
+        )
         self.step = 0
         self.tokens_seen = 0
         self.preempted = False

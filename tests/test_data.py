@@ -1,4 +1,5 @@
-"""The data pipeline: formats, packing, rank/worker coverage, exact resume, eval splitting, mixing."""
+"""The data pipeline: formats, packing, sharding and coverage, mixtures and stopping rules, exact resume, document
+masking, eval splitting."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import json
 import os
 import random
 import socket
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -18,8 +21,19 @@ import zstandard
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from launcher.config import SourceConfig
-from launcher.data import DataError, TrainStream, check_sources, eval_blocks, open_source, pack, tokenize_documents
+from launcher.config import ConfigError, SourceConfig, load_recipe
+from launcher.data import (
+    DataError,
+    TrainStream,
+    assign_parts,
+    check_sources,
+    document_position_ids,
+    eval_blocks,
+    open_source,
+    pack,
+    source_labels,
+    tokenize_documents,
+)
 
 VOCAB = [f"w{i}" for i in range(400)]
 
@@ -42,9 +56,10 @@ def write_jsonl(path: Path, texts: list[str], field: str = "text") -> Path:
     return path
 
 
-def make_corpus(root: Path, sizes: list[int]) -> list[str]:
+def make_corpus(root: Path, sizes: list[int], row_group_size: int | None = None) -> list[str]:
     """Files of the given document counts; every document is unique (its file and index words) and they
-    differ in length, so a lost, duplicated or split document shows up."""
+    differ in length, so a lost, duplicated or split document shows up. With ``row_group_size``, Parquet files
+    of row groups that size instead of JSON Lines."""
     root.mkdir(parents=True, exist_ok=True)
     docs = []
     for f, n in enumerate(sizes):
@@ -52,7 +67,10 @@ def make_corpus(root: Path, sizes: list[int]) -> list[str]:
         for d in range(n):
             filler = " ".join(f"w{300 + (f * 31 + d * 7 + j) % 90}" for j in range((f + d) % 5))
             texts.append(f"w{f} w{20 + d} {filler}".strip())
-        write_jsonl(root / f"part-{f:02d}.jsonl", texts)
+        if row_group_size:
+            pq.write_table(pa.table({"text": texts}), root / f"part-{f:02d}.parquet", row_group_size=row_group_size)
+        else:
+            write_jsonl(root / f"part-{f:02d}.jsonl", texts)
         docs += texts
     return docs
 
@@ -327,16 +345,20 @@ class RecordingTokenizer:
 
 
 @pytest.mark.parametrize(
-    ("sizes", "world_size", "num_workers"),
+    ("sizes", "world_size", "num_workers", "shuffle_buffer", "row_group_size"),
     [
-        ([7, 9, 11, 13, 15], 2, 2),  # 5 files, 2 ranks: every other document per rank; files split over workers
-        ([9, 13, 11, 7], 2, 2),  # 4 files: 2 whole files per rank, one per worker
-        ([31], 2, 2),  # 1 file: fewer files than workers, every other document per worker
-        ([7, 9, 11, 13, 15], 3, 0),
+        ([7, 9, 11, 13, 15], 2, 2, 0, None),  # 5 files, 4 readers: one whole file each, the fifth shared by all
+        ([9, 13, 11, 7], 2, 2, 0, None),  # 4 files: one whole file per reader
+        ([31], 2, 2, 0, None),  # 1 file: every fourth document per reader
+        ([7, 9, 11, 13, 15], 3, 0, 0, None),  # 3 readers: one whole file each, the last two shared
+        ([7, 9, 11, 13, 15, 5, 6], 2, 2, 4, None),  # shuffled file order and windows
+        ([23], 2, 2, 0, 4),  # one Parquet file of 6 row groups: split per row group, not per document
     ],
 )
-def test_one_pass_reads_every_document_exactly_once(tmp_path, tok, sizes, world_size, num_workers):
-    corpus = make_corpus(tmp_path / "c", sizes)
+def test_one_pass_reads_every_document_exactly_once(
+    tmp_path, tok, sizes, world_size, num_workers, shuffle_buffer, row_group_size
+):
+    corpus = make_corpus(tmp_path / "c", sizes, row_group_size)
     eos = tok.eos_token_id
     slots = max(1, num_workers)
     seen: Counter = Counter()
@@ -353,14 +375,17 @@ def test_one_pass_reads_every_document_exactly_once(tmp_path, tok, sizes, world_
             world_size=world_size,
             seed=0,
             num_workers=num_workers,
+            shuffle_buffer=shuffle_buffer,
         )
+        if row_group_size:
+            assert stream._sources[0].num_shards == -(-sum(sizes) // row_group_size)
         per_worker: list[list[int]] = [[] for _ in range(slots)]
         finished = [False] * slots
         for n, batch in enumerate(stream):
             assert batch["input_ids"].shape == (1, 1) and batch["input_ids"].dtype == torch.long
             assert batch["labels"].tolist() == batch["input_ids"].tolist()
             worker = n % slots
-            epoch = stream.state_dict()["workers"][worker][0]
+            epoch = stream.state_dict()["workers"][worker]["pass"]
             if epoch == 0:
                 per_worker[worker].append(int(batch["input_ids"][0, 0]))
             else:
@@ -370,10 +395,14 @@ def test_one_pass_reads_every_document_exactly_once(tmp_path, tok, sizes, world_
         for tokens in per_worker:
             seen.update(split_on(tokens, eos))
         logs = [set(p.read_text().splitlines()) for p in log_dir.iterdir()]
+        if shuffle_buffer:
+            continue  # the logs also hold the start of the next pass, whose shuffled files go to other readers
         if num_workers > 1:
             assert len(logs) == num_workers and not set.intersection(*logs), "workers tokenized the same document"
         tokenized_by_rank.append(set().union(*logs))
     assert seen == Counter(tuple(ids(tok, d)) for d in corpus)
+    if shuffle_buffer:
+        return
     assert set().union(*tokenized_by_rank) == set(corpus)
     for a in range(world_size):
         for b in range(a + 1, world_size):
@@ -397,7 +426,7 @@ def test_resume_is_exact(tmp_path, tok, num_workers, shuffle_buffer):
     first = TrainStream(sources, tok, rank=1, **kw)
     _same(_take(first, k), reference[:k])
     state = json.loads(json.dumps(first.state_dict()))
-    assert state["batches"] == k and max(epoch for epoch, _ in state["workers"]) >= 1
+    assert state["batches"] == k and max(w["pass"] for w in state["workers"]) >= 1
 
     resumed = TrainStream(sources, tok, rank=1, **kw)  # load before any iteration
     resumed.load_state_dict(state)
@@ -468,18 +497,438 @@ def test_eval_empty_set_is_an_error(tmp_path, tok):
 # ------------------------------------------------------------------------------------------------ mixing
 
 
-def test_mixture_follows_the_weights(tmp_path, tok):
-    write_jsonl(tmp_path / "a.jsonl", ["w1"] * 3000)
-    write_jsonl(tmp_path / "b.jsonl", ["w2"] * 3000)
+@pytest.mark.parametrize(("world_size", "num_workers"), [(1, 0), (2, 2)])
+def test_mixture_follows_the_weights_in_tokens(tmp_path, tok, world_size, num_workers):
+    """Weights are shares of the tokens, also when one source's documents are 6 times longer than the other's:
+    drawing documents by weight would give the long ones 93% of the tokens instead of 70%."""
+    for name, word, n_words in (("long", "w1", 11), ("short", "w2", 1)):
+        for f in range(3):
+            write_jsonl(tmp_path / f"{name}-{f}.jsonl", [" ".join([word] * n_words)] * 1000)
     sources = [
-        SourceConfig(path=str(tmp_path / "a.jsonl"), weight=7),
-        SourceConfig(path=str(tmp_path / "b.jsonl"), weight=3),
+        SourceConfig(path=str(tmp_path / "long-*.jsonl"), weight=7, label="long"),
+        SourceConfig(path=str(tmp_path / "short-*.jsonl"), weight=3, label="short"),
     ]
-    stream = TrainStream(sources, tok, seq_len=16, micro_batch_size=4, rank=0, world_size=1, seed=0)
-    counts = Counter()
-    for batch in _take(stream, 40):  # 40 x 4 x 16 tokens = 1280 documents, all drawn before either source runs out
-        counts.update(batch["input_ids"].flatten().tolist())
-    a, b = counts[ids(tok, "w1")[0]], counts[ids(tok, "w2")[0]]
-    assert a + b == counts[tok.eos_token_id] == 1280
-    # Binomial(1280, 0.7): standard deviation 0.013, so 0.05 is a margin of almost 4 sigma.
-    assert abs(a / (a + b) - 0.7) < 0.05
+    long_id, short_id = ids(tok, "w1")[0], ids(tok, "w2")[0]
+    for rank in range(world_size):
+        stream = TrainStream(sources, tok, seq_len=16, micro_batch_size=4, rank=rank, world_size=world_size, seed=0,
+                             num_workers=num_workers)  # fmt: skip
+        owner, counts = None, Counter()
+        for n, batch in enumerate(_take_each(stream, 60)):  # before any source runs out
+            for t in batch["input_ids"].flatten().tolist():
+                owner = {long_id: "long", short_id: "short"}.get(t, owner)  # EOS: the document before it
+                counts[owner] += 1
+            share = counts["long"] / (counts["long"] + counts["short"])
+            # Each reader stays within a document (12 tokens) of its 70%; the rank's batches alternate readers.
+            assert abs(share - 0.7) <= 12 * max(1, num_workers) / (64 * (n + 1)) + 1e-9, (n, share)
+            metrics = stream.metrics()
+            assert metrics["data/mix/long"] == pytest.approx(share)
+            assert metrics["data/mix/short"] == pytest.approx(1 - share)
+
+
+def test_mixture_metrics_report_the_consumed_tokens(tmp_path, tok):
+    write_jsonl(tmp_path / "a.jsonl", [" ".join(["w1"] * (1 + i % 7)) for i in range(500)])
+    write_jsonl(tmp_path / "b.jsonl", [" ".join(["w2"] * (1 + i % 5)) for i in range(500)])
+    sources = [
+        SourceConfig(path=str(tmp_path / "a.jsonl"), weight=3),
+        SourceConfig(path=str(tmp_path / "b.jsonl"), weight=1, label="replay"),
+    ]
+    stream = TrainStream(sources, tok, seq_len=8, micro_batch_size=2, rank=0, world_size=1, seed=0, num_workers=2)
+    assert stream.metrics() == {"data/batch_hash": stream.metrics()["data/batch_hash"]}  # nothing consumed yet
+    a_id, b_id = ids(tok, "w1")[0], ids(tok, "w2")[0]
+    counts: Counter = Counter()
+    previous = []
+    for batch in _take(stream, 30):
+        flat = batch["input_ids"].flatten().tolist()
+        # EOS belongs to the document before it; a block may start with the EOS of a document cut by the last one.
+        owner = previous[-1] if previous else None
+        for t in flat:
+            owner = {a_id: "a", b_id: "replay"}.get(t, owner)
+            counts[owner] += 1
+            previous = [owner]
+    m = stream.metrics()
+    assert set(m) == {"data/mix/a", "data/mix/replay", "data/batch_hash"}
+    assert m["data/mix/a"] == pytest.approx(counts["a"] / (30 * 16))
+    assert m["data/mix/replay"] == pytest.approx(counts["replay"] / (30 * 16))
+    assert m["data/mix/a"] + m["data/mix/replay"] == pytest.approx(1.0)
+    state = json.loads(json.dumps(stream.state_dict()))
+    assert state["source_tokens"] == [counts["a"], counts["replay"]]
+    again = TrainStream(sources, tok, seq_len=8, micro_batch_size=2, rank=0, world_size=1, seed=0, num_workers=2)
+    again.load_state_dict(state)
+    assert again.metrics() == m
+
+
+def test_batch_hash_follows_the_data(tmp_path, tok):
+    make_corpus(tmp_path / "c", [30, 20])
+    sources = [SourceConfig(path=str(tmp_path / "c"))]
+
+    def hashes(seed, n=8, **kw):
+        s = TrainStream(sources, tok, seq_len=6, micro_batch_size=2, rank=0, world_size=1, seed=seed, **kw)
+        out = []
+        for _ in _take_each(s, n):
+            out.append(s.metrics()["data/batch_hash"])
+        return out
+
+    a = hashes(0)
+    assert len(set(a)) == len(a) and all(isinstance(h, int) and 0 <= h < 2**48 for h in a)
+    assert hashes(0) == a
+    assert hashes(0, num_workers=2) != a  # another reader layout is another data order
+    assert hashes(0, shuffle_buffer=8) != hashes(1, shuffle_buffer=8)
+
+
+def _take_each(stream, n):
+    it = iter(stream)
+    for _ in range(n):
+        yield next(it)
+
+
+# ---------------------------------------------------------------------------------------------- sharding
+
+
+@pytest.mark.parametrize("num_readers", [1, 2, 3, 4, 7, 8])
+@pytest.mark.parametrize("num_shards", [1, 2, 3, 5, 8, 13])
+def test_assign_parts_partitions_every_shard(num_shards, num_readers):
+    docs = {s: 11 + 3 * s for s in range(num_shards)}  # documents per shard
+    order = list(range(num_shards))
+    random.Random(num_shards * 100 + num_readers).shuffle(order)
+    for shuffled in (None, order):
+        taken: Counter = Counter()
+        shares = []
+        for reader in range(num_readers):
+            parts = assign_parts(num_shards, num_readers, reader, shuffled)
+            assert sum(p.stride > 1 for p in parts) <= 1, "a reader shares at most one shard with others"
+            assert len(parts) <= num_shards // num_readers + 1
+            mine = [(p.shard, d) for p in parts for d in range(p.offset, docs[p.shard], p.stride)]
+            taken.update(mine)
+            shares.append(sum(1 / p.stride for p in parts))
+        assert taken == Counter((s, d) for s in range(num_shards) for d in range(docs[s]))
+        left = num_shards % num_readers  # shards shared by groups of readers
+        if left == 0:
+            assert max(shares) == min(shares) == num_shards // num_readers
+        else:
+            assert max(shares) - min(shares) <= 1 / (num_readers // left) + 1e-9
+
+
+def test_assign_parts_rejects_bad_input():
+    with pytest.raises(ValueError):
+        assign_parts(3, 2, 2)
+    with pytest.raises(ValueError):
+        assign_parts(3, 2, 0, order=[0, 0, 1])
+
+
+def test_a_reader_without_documents_is_an_error(tmp_path, tok):
+    write_jsonl(tmp_path / "two.jsonl", ["w1 w2", "w3"])
+    stream = _stream([tmp_path / "two.jsonl"], tok, world_size=2, rank=1, num_workers=2)
+    with pytest.raises(DataError, match=r"two\.jsonl has no text for this reader.*4 readers"):
+        next(iter(stream))
+
+
+# ---------------------------------------------------------------------------------------------- stopping
+
+A_DOCS = [f"w{i} w{50 + i}" for i in range(12)]  # 12 documents of 3 tokens (EOS included)
+B_DOCS = [f"w{100 + j}" + f" w{250 + j}" * (j % 3) for j in range(40)]  # 40 documents of 2 to 4 tokens
+
+
+def _doc_sequence(tmp_path, tok, n_batches, **kw):
+    """The documents a single reader consumes, as (source, index), and the stream."""
+    write_jsonl(tmp_path / "a.jsonl", A_DOCS)
+    write_jsonl(tmp_path / "b.jsonl", B_DOCS)
+    weights = kw.pop("weights", (1, 1))
+    budgets = kw.pop("budgets", (None, None))
+    sources = [
+        SourceConfig(path=str(tmp_path / "a.jsonl"), weight=weights[0], token_budget=budgets[0]),
+        SourceConfig(path=str(tmp_path / "b.jsonl"), weight=weights[1], token_budget=budgets[1]),
+    ]
+    stream = TrainStream(sources, tok, seq_len=8, micro_batch_size=2, rank=0, world_size=1, seed=5, **kw)
+    tokens = [t for b in _take(stream, n_batches) for t in b["input_ids"].flatten().tolist()]
+    tokens = tokens[: len(tokens) - tokens[::-1].index(tok.eos_token_id)]  # whole documents only
+    which = {tuple(ids(tok, d)): ("a", i) for i, d in enumerate(A_DOCS)}
+    which.update({tuple(ids(tok, d)): ("b", j) for j, d in enumerate(B_DOCS)})
+    return [which[d] for d in split_on(tokens, tok.eos_token_id)], stream
+
+
+def _runs(indices: list[int]) -> list[list[int]]:
+    """Split a source's document indices where they restart (go back)."""
+    runs: list[list[int]] = [[]]
+    for i in indices:
+        if runs[-1] and i <= runs[-1][-1]:
+            runs.append([])
+        runs[-1].append(i)
+    return runs
+
+
+def test_all_exhausted_repeats_the_smaller_source_and_cuts_none(tmp_path, tok):
+    seq, stream = _doc_sequence(tmp_path, tok, 60, stopping="all_exhausted")
+    a = [i for s, i in seq if s == "a"]
+    b = [j for s, j in seq if s == "b"]
+    # Each source is read cycle after cycle, each cycle whole and in order (no shuffle): nothing is cut off.
+    for indices, n in ((a, len(A_DOCS)), (b, len(B_DOCS))):
+        runs = _runs(indices)
+        assert all(r == list(range(n)) for r in runs[:-1]) and runs[-1] == list(range(len(runs[-1])))
+    assert len(_runs(a)) >= 3 * len(_runs(b)) - 1  # the small source repeats while the large one is read
+    # A pass ends when both sources ran out at least once (the last documents drawn may not be consumed yet).
+    passes = stream.state_dict()["workers"][0]["pass"]
+    assert len(_runs(b)) - 1 <= passes <= len(_runs(b)) and passes >= 2
+    # Mixed by tokens: equal weights give equal token counts, within a document or so per pass.
+    lengths = {("a", i): len(ids(tok, d)) + 1 for i, d in enumerate(A_DOCS)}
+    lengths.update({("b", j): len(ids(tok, d)) + 1 for j, d in enumerate(B_DOCS)})
+    ta = sum(lengths[d] for d in seq if d[0] == "a")
+    tb = sum(lengths[d] for d in seq if d[0] == "b")
+    assert abs(ta - tb) <= 4 * (passes + 1)
+
+
+def test_first_exhausted_restarts_every_source_when_one_runs_out(tmp_path, tok):
+    seq, stream = _doc_sequence(tmp_path, tok, 60, stopping="first_exhausted")
+    passes: list[list[tuple[str, int]]] = [[]]
+    last = {"a": -1, "b": -1}
+    for s, i in seq:
+        if i <= last[s]:  # a source went back: a new pass started (both restart, so both go back)
+            passes.append([])
+            last = {"a": -1, "b": -1}
+        last[s] = i
+        passes[-1].append((s, i))
+    assert len(passes) >= 3
+    for p in passes[:-1]:
+        a = [i for s, i in p if s == "a"]
+        b = [j for s, j in p if s == "b"]
+        assert a == list(range(len(A_DOCS))), "the small source runs out, whole, once per pass"
+        assert b == list(range(len(b))) and len(b) < len(B_DOCS), "the large one from its start, never repeated"
+    for p in passes[1:]:
+        assert [i for s, i in p if s == "b"][:1] == [0], "every pass starts the large source from its beginning"
+    assert stream.state_dict()["workers"][0]["pass"] == len(passes) - 1
+
+
+def test_token_budget_takes_each_budget_per_pass_and_continues(tmp_path, tok):
+    budgets = (30, 90)  # per pass: 10 documents of a, about 30 of b
+    seq, stream = _doc_sequence(tmp_path, tok, 70, stopping="token_budget", budgets=budgets)
+    lengths = {("a", i): len(ids(tok, d)) + 1 for i, d in enumerate(A_DOCS)}
+    lengths.update({("b", j): len(ids(tok, d)) + 1 for j, d in enumerate(B_DOCS)})
+    # Replay the rule on the consumed sequence: a source at its budget rests until both are; then a new pass.
+    counts = {"a": 0, "b": 0}
+    n_passes = 0
+    for doc in seq:
+        s = doc[0]
+        assert counts[s] < budgets["ab".index(s)], f"{s} drawn after reaching its budget"
+        counts[s] += lengths[doc]
+        if counts["a"] >= budgets[0] and counts["b"] >= budgets[1]:
+            n_passes += 1
+            counts = {"a": 0, "b": 0}
+    assert n_passes >= 3
+    # Sources continue across passes: each is read cycle after cycle, whole and in order.
+    for name, n in (("a", len(A_DOCS)), ("b", len(B_DOCS))):
+        runs = _runs([i for s, i in seq if s == name])
+        assert all(r == list(range(n)) for r in runs[:-1]) and runs[-1] == list(range(len(runs[-1])))
+    m = stream.metrics()
+    assert m["data/mix/a"] == pytest.approx(0.25, abs=0.05)
+
+
+def test_token_budget_split_by_weight(tmp_path, tok):
+    seq, _ = _doc_sequence(tmp_path, tok, 50, stopping="token_budget", token_budget=120, weights=(1, 3))
+    seq_b, _ = _doc_sequence(tmp_path, tok, 50, stopping="token_budget", budgets=(30, 90))
+    assert seq == seq_b
+
+
+def test_stopping_rules_are_checked_in_the_recipe(tmp_path):
+    def problems(data: dict) -> list[str]:
+        recipe = tmp_path / "r.yaml"
+        train = [{"path": "a.jsonl"}, {"path": "b.jsonl"}]
+        recipe.write_text(json.dumps({"model": {"name_or_path": "m"}, "data": {"train": train, **data}}))
+        with pytest.raises(ConfigError) as e:
+            load_recipe(recipe)
+        return e.value.problems
+
+    assert problems({"stopping": "token_budget"}) == [
+        "data.stopping: token_budget needs data.token_budget, or token_budget on every source (data.train[0], "
+        "data.train[1] has none)"
+    ]
+    assert problems({"stopping": "first_exhausted", "token_budget": 10}) == [
+        "data.token_budget: only used with data.stopping=token_budget (it is 'first_exhausted')"
+    ]
+    assert problems({"stopping": "sometimes"}) == [
+        "data.stopping: 'sometimes' is not one of 'all_exhausted' | 'first_exhausted' | 'token_budget'"
+    ]
+    assert problems({"stopping": "token_budget", "token_budget": 0}) == ["data.token_budget: must be positive, got 0"]
+    train = [{"path": "a.jsonl", "token_budget": 5, "label": "x"}, {"path": "b.jsonl", "label": "x"}]
+    assert problems({"train": train, "stopping": "token_budget", "token_budget": 10}) == [
+        "data.token_budget: set either data.token_budget (split by weight) or token_budget on every training "
+        "source, not both (data.train[0] sets one)",
+        "data.train: label 'x' names more than one source; labels must be unique",
+    ]
+    ok = tmp_path / "ok.yaml"
+    train = [{"path": "a.jsonl", "token_budget": 5}, {"path": "b.jsonl", "token_budget": 7}]
+    ok.write_text(json.dumps({"model": {"name_or_path": "m"}, "data": {"train": train, "stopping": "token_budget"}}))
+    assert load_recipe(ok).data.train[1].token_budget == 7
+
+
+def test_source_labels():
+    labels = source_labels(
+        [
+            SourceConfig(path="/data/code/train.jsonl.zst"),
+            SourceConfig(path="data/web/*.parquet"),
+            SourceConfig(path="HuggingFaceFW/fineweb-edu", name="sample-10BT"),
+            SourceConfig(path="s3://bucket/books/part-*.jsonl"),
+            SourceConfig(path="/other/train.jsonl"),
+            SourceConfig(path="/x/y.jsonl", label="replay"),
+        ]
+    )
+    assert labels == ["train-0", "web", "fineweb-edu-sample-10BT", "books", "train-4", "replay"]
+
+
+# --------------------------------------------------------------------------------------- resume, mixed
+
+
+def _mixed_corpus(root: Path) -> list[SourceConfig]:
+    """Two sources of several files, with blank documents and documents longer than a micro-batch."""
+    make_corpus(root / "a", [13, 7, 9])
+    (root / "b").mkdir()
+    rng = random.Random(0)
+    for f in range(2):
+        texts = [
+            " ".join(f"w{rng.randrange(100, 300)}" for _ in range(rng.choice([0, 1, 5, 40, 90]))) for _ in range(17)
+        ]
+        write_jsonl(root / "b" / f"long-{f}.jsonl", texts)
+    return [SourceConfig(path=str(root / "a"), weight=2), SourceConfig(path=str(root / "b"), weight=1)]
+
+
+@pytest.mark.parametrize(
+    ("stopping", "num_workers", "shuffle_buffer"),
+    [("all_exhausted", 2, 4), ("first_exhausted", 2, 0), ("token_budget", 0, 4), ("all_exhausted", 0, 0)],
+)
+def test_resume_of_a_mixture_is_exact(tmp_path, tok, stopping, num_workers, shuffle_buffer):
+    sources = _mixed_corpus(tmp_path)
+    kw = dict(seq_len=8, micro_batch_size=3, world_size=2, rank=1, seed=7, num_workers=num_workers,
+              shuffle_buffer=shuffle_buffer, stopping=stopping)  # fmt: skip
+    if stopping == "token_budget":
+        kw["token_budget"] = 400
+    n = 90
+    ref_stream = TrainStream(sources, tok, **kw)
+    reference, metrics = [], []
+    for batch in _take_each(ref_stream, n):
+        reference.append(batch)
+        metrics.append(ref_stream.metrics())
+    assert max(w["pass"] for w in ref_stream.state_dict()["workers"]) >= 1  # across pass boundaries
+    for k in (5, 17):
+        first = TrainStream(sources, tok, **kw)
+        _same(_take(first, k), reference[:k])
+        state = json.loads(json.dumps(first.state_dict()))
+        assert any(w["pending"] for w in state["workers"]), "a document continues across the cut"
+        resumed = TrainStream(sources, tok, **kw)
+        resumed.load_state_dict(state)
+        assert resumed.metrics() == metrics[k - 1]
+        rest = []
+        for batch in _take_each(resumed, n - k):
+            rest.append(batch)
+        _same(rest, reference[k:])
+        assert resumed.metrics() == metrics[-1]
+
+
+# ------------------------------------------------------------------------------------- document masking
+
+
+def test_document_position_ids():
+    eos = 0
+    block = torch.tensor([[5, 6, 0, 7, 8, 9, 0, 4], [0, 3, 3, 0, 0, 2, 2, 2]])
+    assert document_position_ids(block, eos).tolist() == [[0, 1, 2, 0, 1, 2, 3, 0], [0, 0, 1, 2, 0, 0, 1, 2]]
+
+
+def test_stream_carries_position_ids_only_with_masking(tmp_path, tok):
+    make_corpus(tmp_path / "c", [15, 11])
+    plain = _take(_stream([tmp_path / "c"], tok, seq_len=7, micro_batch_size=3), 6)
+    masked = _take(_stream([tmp_path / "c"], tok, seq_len=7, micro_batch_size=3, document_masking=True), 6)
+    assert all(set(b) == {"input_ids", "labels"} for b in plain)
+    _same(plain, masked)
+    eos = tok.eos_token_id
+    for b in masked:
+        assert set(b) == {"input_ids", "labels", "position_ids"}
+        for row, pos in zip(b["input_ids"].tolist(), b["position_ids"].tolist()):
+            expected, p = [], 0
+            for i in range(len(row)):
+                p = 0 if i == 0 or row[i - 1] == eos else p + 1
+                expected.append(p)
+            assert pos == expected
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_document_masking_keeps_attention_inside_each_document(tmp_path, assets, attn):
+    """The second document of a packed block gets the logits it gets alone, through the model the engines build
+    (launcher.model) and the inputs they pass (model_inputs); without masking it sees the first document."""
+    from transformers import AutoTokenizer
+
+    from launcher.config import ModelConfig, Recipe
+    from launcher.engine.base import model_inputs
+    from launcher.model import build_model, load_config
+
+    tokenizer = AutoTokenizer.from_pretrained(assets["base"])
+    first = "def add(a, b):\n    return a + b\n"
+    second = "class Point:\n    def __init__(self, x, y):\n        self.x = x\n        self.y = y\n"
+    n1, n2 = len(ids(tokenizer, first)) + 1, len(ids(tokenizer, second)) + 1
+    write_jsonl(tmp_path / "two.jsonl", [first, second])
+    recipe = Recipe(model=ModelConfig(name_or_path=str(assets["base"]), attn_implementation=attn))
+    model = build_model(recipe, load_config(recipe), torch.float32).eval()
+
+    def block(masking: bool) -> dict[str, torch.Tensor]:
+        stream = TrainStream([SourceConfig(path=str(tmp_path / "two.jsonl"))], tokenizer, seq_len=n1 + n2,
+                             micro_batch_size=1, rank=0, world_size=1, seed=0, document_masking=masking)  # fmt: skip
+        return next(iter(stream))
+
+    masked, plain = block(True), block(False)
+    assert torch.equal(masked["input_ids"], plain["input_ids"])
+    alone = masked["input_ids"][:, n1:]
+    with torch.no_grad():
+        reference = model(input_ids=alone).logits
+        with_masking = model(**model_inputs(masked, torch.device("cpu"))).logits[:, n1:]
+        without = model(**model_inputs(plain, torch.device("cpu"))).logits[:, n1:]
+    torch.testing.assert_close(with_masking, reference, rtol=1e-5, atol=1e-5)
+    assert (without - reference).abs().max() > 1e-3
+
+
+def test_workers_tokenize_after_the_parent_used_the_tokenizer_thread_pool(tmp_path, assets):
+    """The Rust thread pool of ``tokenizers`` does not survive a fork: once the trainer process has tokenized in
+    parallel (evaluation sets are tokenized there), forked DataLoader workers must tokenize serially or hang."""
+    script = tmp_path / "fork.py"
+    script.write_text(
+        f"""
+import os, sys
+os.environ["TOKENIZERS_PARALLELISM"] = "true"
+sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})
+from transformers import AutoTokenizer
+from launcher.config import SourceConfig
+from launcher.data import TrainStream
+tok = AutoTokenizer.from_pretrained({str(assets["tokenizer"])!r})
+texts = [line for line in open({str(assets["code_train"])!r})][:2000]
+assert len(tok(texts)["input_ids"]) == len(texts) > 20  # a large batch: the parallel path of the pool
+stream = TrainStream([SourceConfig(path={str(assets["code_train"])!r})], tok, seq_len=64, micro_batch_size=2,
+                     rank=0, world_size=1, seed=0, num_workers=2)
+it = iter(stream)
+print(sum(next(it)["input_ids"].numel() for _ in range(6)))
+"""
+    )
+    p = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.strip() == str(6 * 2 * 64)
+
+
+def test_encode_gives_the_ids_of_the_tokenizer(assets, tok):
+    from transformers import AutoTokenizer
+
+    from launcher.data.packing import encode
+
+    bpe = AutoTokenizer.from_pretrained(assets["tokenizer"])
+    texts = ["def f(x):\n    return x  # é ü 中文", "  leading spaces", "</s> <s> special tokens in text", "", "\n\n"]
+    for t in (bpe, tok):
+        assert encode(t, texts) == t(texts, add_special_tokens=False)["input_ids"]
+    bpe.backend_tokenizer.enable_truncation(4)  # a backend set up otherwise is called through the tokenizer
+    assert encode(bpe, texts) == bpe(texts, add_special_tokens=False)["input_ids"]
+    assert max(map(len, encode(bpe, texts))) > 4
+
+
+def test_resume_on_changed_data_is_an_error(tmp_path, tok):
+    write_jsonl(tmp_path / "a.jsonl", [" ".join(f"w{i % 90}" for i in range(j, j + 30)) for j in range(40)])
+    stream = _stream([tmp_path / "a.jsonl"], tok, seq_len=8, micro_batch_size=1, num_workers=0)
+    _take(stream, 20)
+    state = stream.state_dict()
+    assert state["workers"][0]["pending"], "the 20th block ends inside a document"
+    write_jsonl(tmp_path / "a.jsonl", ["w1 w2"] * 3)
+    resumed = _stream([tmp_path / "a.jsonl"], tok, seq_len=8, micro_batch_size=1, num_workers=0)
+    resumed.load_state_dict(state)
+    with pytest.raises(DataError, match=r"a\.jsonl no longer has the document .* the data changed"):
+        next(iter(resumed))

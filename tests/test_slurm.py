@@ -60,8 +60,12 @@ def wait_for_job(cluster: SlurmCluster, job: str, log: Path, timeout: float = 24
             return j
         # only once the first run has fully left the nodes: a restart that starts while its batch script is still
         # exiting (it is the one that called `scontrol requeue`) fails at launch with exit code 1
-        if (j["JobState"] == "PENDING" and j.get("Reason") == "BeginTime" and cluster.nodes_idle()
-                and not cluster.step_processes()):
+        if (
+            j["JobState"] == "PENDING"
+            and j.get("Reason") == "BeginTime"
+            and cluster.nodes_idle()
+            and not cluster.step_processes()
+        ):
             cluster.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=False)
         time.sleep(0.5)
     cluster.run(["scancel", job], check=False)
