@@ -22,11 +22,13 @@ over ranks is exactly what a single process would score, whatever the world size
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import logging
 import math
 import os
 import random
+import signal
 import weakref
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -90,10 +92,35 @@ def _texts(ds: Any) -> Iterator[Any]:
         yield from batch["text"]
 
 
+PREEMPTION_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
+"""Signals DataLoader workers ignore: the trainer acts on them. A worker still stops when its trainer does."""
+
+_RUNNING_LOADERS: weakref.WeakSet[Any] = weakref.WeakSet()
+"""DataLoader iterators whose worker processes may still run."""
+
+
+def _stop_running_workers() -> None:
+    """At interpreter exit, stop the workers of the DataLoader iterators still alive. multiprocessing would end
+    them with SIGTERM, which they ignore, and then wait for them forever. Registered after the DataLoader's own
+    exit hook, so it runs before it, while the DataLoader can still shut its workers down."""
+    for iterator in list(_RUNNING_LOADERS):
+        shutdown = getattr(iterator, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+
+
+atexit.register(_stop_running_workers)
+
+
 def _init_worker(worker_id: int) -> None:
-    """Workers tokenize serially: the Rust thread pool of ``tokenizers`` can deadlock after a fork. (Where the
+    """Workers ignore the preemption signals: schedulers send them to every process of a job (Slurm) or of a
+    process group, and a worker that exits on one makes its rank fail before it can checkpoint.
+
+    Workers tokenize serially: the Rust thread pool of ``tokenizers`` can deadlock after a fork. (Where the
     parent already used the pool, ``tokenizers`` itself turns parallelism off in the child; setting it here
     also covers a parent that did not, and silences the warning.)"""
+    for name in PREEMPTION_SIGNALS:
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     try:
         import fsspec.asyn
@@ -654,6 +681,8 @@ class TrainStream:
             worker_init_fn=_init_worker if workers else None,
         )
         iterator = iter(loader)
+        if workers:
+            _RUNNING_LOADERS.add(iterator)
         try:
             for item in iterator:
                 if "error" in item:
