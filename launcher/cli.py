@@ -70,8 +70,38 @@ def cmd_plan(args: argparse.Namespace) -> int:
         lines["training FLOPs"] = f"{flops_per_token(cfg, recipe.data.seq_len, n_params=n):.3e} per token"
     except (OSError, ValueError) as e:
         lines["model"] = f"config not readable here ({e})"
+        cfg = None
     for k, v in lines.items():
         print(f"{k:>22}: {v}")
+    if cfg is not None:
+        return _plan_memory(recipe, cfg, world, args.gpu_memory_gib)
+    return 0
+
+
+def _plan_memory(recipe, cfg, world: int, gpu_memory_gib: float | None) -> int:
+    """The per-GPU memory estimate, a warning when it will not fit, and the micro-batch that would."""
+    from .memory import GIB, estimate, suggest_micro_batch
+
+    if gpu_memory_gib is None:
+        import torch
+
+        if torch.cuda.is_available():
+            gpu_memory_gib = torch.cuda.get_device_properties(0).total_memory / GIB
+    gpu = gpu_memory_gib * GIB if gpu_memory_gib else None
+    bf16 = recipe.train.precision != "fp32"
+    est = estimate(recipe, cfg, world, bf16=bf16)
+    print("--- memory per GPU (peak allocated, bf16)" if bf16 else "--- memory per GPU (peak allocated, fp32)")
+    print(est.table(gpu))
+    if gpu is None:
+        print("(pass --gpu-memory-gib to check the fit; no GPU here)")
+        return 0
+    best = suggest_micro_batch(recipe, cfg, world, gpu)
+    if best is not None:
+        print(f"{'largest micro batch':>22}: {best[0]} (gradient accumulation {best[1]}) within 90% of the GPU")
+    if est.total > gpu:
+        need = f"the estimate ({est.total / GIB:.1f} GiB) exceeds the GPU's {gpu / GIB:.1f} GiB"
+        print(f"warning: {need}: lower train.micro_batch_size, turn on model.activation_checkpointing, or offload",
+              file=sys.stderr)  # fmt: skip
     return 0
 
 
@@ -137,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("overrides", nargs="*")
     pl.add_argument("--nodes", type=int, default=1)
     pl.add_argument("--gpus-per-node", type=int, default=None)
+    pl.add_argument("--gpu-memory-gib", type=float, default=None, help="GPU memory to plan for (default: this GPU's)")
     pl.set_defaults(func=cmd_plan)
 
     e = sub.add_parser("eval", help="perplexity of a saved model on one data file; prints one JSON line last")

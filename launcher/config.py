@@ -76,7 +76,10 @@ class ModelConfig:
     attn_implementation: str = "sdpa"
     """Attention kernel passed to transformers: sdpa, flash_attention_2, eager."""
     activation_checkpointing: bool = False
-    """Recompute each decoder layer's activations in the backward pass to save memory."""
+    """Recompute decoder layers' activations in the backward pass to save memory."""
+    checkpoint_every: int = 1
+    """With ``activation_checkpointing``: recompute only every k-th decoder layer (1: every layer; 2: half
+    of them ...). Selective checkpointing keeps the rest of the activations, trading memory for speed."""
     trust_remote_code: bool = False
     """Allow model/tokenizer code from the model repository to run. Off unless you need it."""
 
@@ -154,8 +157,23 @@ class TrainConfig:
     """Save a checkpoint every this many steps (0: only at the end)."""
     keep_last: int = 2
     """Checkpoints kept in output_dir/checkpoints; older ones are removed after a newer one is saved."""
+    nonfinite: Literal["skip", "stop"] = "skip"
+    """A step whose loss or gradient is not finite on any rank (the global gradient norm tells every rank the
+    same): ``skip`` drops its update (the optimizer state and the learning-rate schedule stay as they were) and
+    goes on; ``stop`` ends the run at once with a non-zero exit, keeping the last checkpoint."""
+    max_skipped_steps: int = 3
+    """With ``nonfinite: skip``: stop when more than this many steps in a row are skipped."""
+    save_final: bool = True
+    """Save a checkpoint at the end of training (turn off for throughput runs that will never be resumed)."""
     export_final: bool = True
     """Write a consolidated Hugging Face model to output_dir/final at the end."""
+    compile: bool = False
+    """Compile each decoder layer's forward with torch.compile (the sharding hooks stay outside). Faster on GPU
+    once warm; the first steps take longer while kernels are generated."""
+    fused_loss: bool = True
+    """Compute the output projection and the cross-entropy together, a chunk of tokens at a time, with the
+    gradients worked out in the same pass: neither bf16 nor fp32 logits of the whole micro-batch are ever held
+    in memory. Falls back to the model's own logits for models that scale or cap them after the projection."""
     preempt_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
     """Signals that make every rank finish its step, save a checkpoint and exit with code 75 (requeue me)."""
 
@@ -186,6 +204,9 @@ class FsdpConfig:
     """Hybrid sharding: replicate across this many groups and shard within each (1 = full sharding)."""
     reduce_dtype: Literal["fp32", "bf16"] = "fp32"
     """Dtype of gradient reduce-scatter under bf16 training."""
+    prefetch_layers: int = 1
+    """Decoder layers whose parameters are all-gathered ahead of the one computing, in forward and backward
+    (0: FSDP2's own implicit prefetching)."""
 
 
 @dataclass
@@ -199,6 +220,9 @@ class ParallelConfig:
     (CPU processes with gloo when there is no GPU)."""
     timeout_minutes: float = 30.0
     """Collective-communication timeout; a dead peer ends the job after this long."""
+    zero3_layer_gather: bool = True
+    """DeepSpeed ZeRO-3: gather each decoder layer's parameters at once, from one hook on the layer (as FSDP2
+    does), instead of one hook and one all-gather per submodule (DeepSpeed's default)."""
     deepspeed: dict[str, Any] = field(default_factory=dict)
     """The DeepSpeed config, loaded from ``config``; ``"auto"`` values are filled from the recipe."""
     fsdp: FsdpConfig = field(default_factory=FsdpConfig)
@@ -531,6 +555,7 @@ def _check_values(r: Recipe, problems: list[str]) -> None:
     )
     if m.from_config and not m.tokenizer and m.from_config.endswith(".json"):
         problems.append("model.tokenizer: required when model.from_config is a config.json file")
+    need(m.checkpoint_every > 0, f"model.checkpoint_every: must be positive, got {m.checkpoint_every}")
     d = r.data
     need(d.seq_len > 0, f"data.seq_len: must be positive, got {d.seq_len}")
     need(d.num_workers >= 0, f"data.num_workers: must be >= 0, got {d.num_workers}")
@@ -568,6 +593,7 @@ def _check_values(r: Recipe, problems: list[str]) -> None:
     need(t.grad_clip >= 0, f"train.grad_clip: must be >= 0, got {t.grad_clip}")
     need(t.log_every > 0, f"train.log_every: must be positive, got {t.log_every}")
     need(t.save_every >= 0, f"train.save_every: must be >= 0, got {t.save_every}")
+    need(t.max_skipped_steps > 0, f"train.max_skipped_steps: must be positive, got {t.max_skipped_steps}")
     need(t.keep_last > 0, f"train.keep_last: must be positive, got {t.keep_last}")
     for i, name in enumerate(t.preempt_signals):
         need(name in PREEMPT_SIGNALS, f"train.preempt_signals[{i}]: {name!r} is not one of {sorted(PREEMPT_SIGNALS)}")
@@ -584,6 +610,7 @@ def _check_values(r: Recipe, problems: list[str]) -> None:
     need(
         p.fsdp.replicate_degree > 0, f"parallel.fsdp.replicate_degree: must be positive, got {p.fsdp.replicate_degree}"
     )
+    need(p.fsdp.prefetch_layers >= 0, f"parallel.fsdp.prefetch_layers: must be >= 0, got {p.fsdp.prefetch_layers}")
     if p.engine == "deepspeed":
         _check_deepspeed(r, problems)
 
@@ -700,9 +727,14 @@ def _check_deepspeed(r: Recipe, problems: list[str]) -> None:
 # --------------------------------------------------------------------------------------------- output
 
 
-def to_yaml(recipe: Recipe) -> str:
-    """The resolved recipe as YAML, as saved in output_dir/resolved_recipe.yaml."""
-    return OmegaConf.to_yaml(OmegaConf.structured(recipe))
+def to_yaml(recipe: Recipe, redact: bool = True) -> str:
+    """The resolved recipe as YAML, as saved in output_dir/resolved_recipe.yaml and printed by ``cpt plan``.
+    Values under secret-looking keys (``api_key``, ``token``, ``password``, ...) are written as ``***``."""
+    if not redact:
+        return OmegaConf.to_yaml(OmegaConf.structured(recipe))
+    from .callbacks.base import redact_values
+
+    return OmegaConf.to_yaml(OmegaConf.create(redact_values(to_dict(recipe))))
 
 
 def to_dict(recipe: Recipe) -> dict[str, Any]:

@@ -27,6 +27,11 @@ from .preemption import PREEMPTED_EXIT_CODE, Preemption
 log = logging.getLogger(__name__)
 
 
+class TrainingStopped(RuntimeError):
+    """The run stopped itself on purpose (e.g. non-finite gradients under ``train.nonfinite``); the message says
+    why and what was kept."""
+
+
 class Trainer:
     def __init__(self, recipe: Recipe, info: DistInfo, callbacks: list[Callback] | None = None):
         self.recipe = recipe
@@ -59,6 +64,8 @@ class Trainer:
         self.step = 0
         self.tokens_seen = 0
         self.preempted = False
+        self.skipped_steps = 0
+        self.skipped_in_a_row = 0
         self.resumed_from = self._resume()
         self.eval_sets = {
             name: eval_blocks(src, self.tokenizer, seq_len=d.seq_len, rank=info.rank, world_size=info.world_size,
@@ -112,6 +119,7 @@ class Trainer:
             lr = self.engine.lr()
             loss, grad_norm = self.engine.train_step(micro)
             self.step += 1
+            self._check_finite(grad_norm)
             self.tokens_seen += self.layout.tokens_per_step
             if self.step % t.log_every == 0 or self.step == t.max_steps:
                 self._log(loss, grad_norm, lr, data_wait, time.perf_counter() - start, speed)
@@ -131,10 +139,29 @@ class Trainer:
                 return results
         if self.eval_sets and last_eval != self.step:
             results = self._evaluate()
-        self._save()
+        if t.save_final:
+            self._save()
         final = self._export() if t.export_final else None
         self.callbacks.on_train_end(run, final)
         return results
+
+    def _check_finite(self, grad_norm: float) -> None:
+        """Apply ``train.nonfinite`` to a step whose update the engine dropped (non-finite gradient norm)."""
+        t = self.recipe.train
+        if not self.engine.skipped:
+            self.skipped_in_a_row = 0
+            return
+        self.skipped_in_a_row += 1
+        self.skipped_steps += 1
+        what = f"step {self.step}: the loss or gradient is not finite (global gradient norm {grad_norm})"
+        kept = checkpoint.latest_checkpoint(self.out)
+        kept_text = f"the last checkpoint, {kept}, is intact" if kept else "no checkpoint was saved yet"
+        if t.nonfinite == "stop":
+            raise TrainingStopped(f"{what}; stopping (train.nonfinite=stop); {kept_text}")
+        if self.skipped_in_a_row > t.max_skipped_steps:
+            raise TrainingStopped(f"{what}; {self.skipped_in_a_row} steps in a row skipped, more than "
+                                  f"train.max_skipped_steps={t.max_skipped_steps}; stopping; {kept_text}")  # fmt: skip
+        log.warning("%s; update skipped (%d in a row, %d in all)", what, self.skipped_in_a_row, self.skipped_steps)
 
     def _log(
         self, loss: torch.Tensor, grad_norm: float, lr: float, data_wait: float, step_time: float, speed: Throughput
@@ -157,6 +184,7 @@ class Trainer:
             "tokens_seen": self.tokens_seen,
             "step_time": step_time,
             "data_wait": data_wait,
+            "skipped_steps": self.skipped_steps,
             **memory_stats(self.info.device),
             **(self.stream.metrics() if self.stream is not None else {}),
         }

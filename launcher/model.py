@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -18,8 +19,15 @@ def config_source(recipe: Recipe) -> str:
     return recipe.model.name_or_path or recipe.model.from_config or ""
 
 
+def _warn_remote_code(recipe: Recipe, what: str, src: str | None) -> None:
+    """``model.trust_remote_code`` lets Python files shipped with a model, config or tokenizer run on load."""
+    if recipe.model.trust_remote_code:
+        log.warning("model.trust_remote_code is on: Python code that comes with the %s at %s may run", what, src)
+
+
 def load_config(recipe: Recipe) -> PretrainedConfig:
     m = recipe.model
+    _warn_remote_code(recipe, "model config", config_source(recipe))
     cfg = AutoConfig.from_pretrained(config_source(recipe), trust_remote_code=m.trust_remote_code)
     cfg._attn_implementation = m.attn_implementation
     cfg.use_cache = False
@@ -30,8 +38,7 @@ def load_tokenizer(recipe: Recipe):
     m = recipe.model
     src = m.tokenizer or m.name_or_path or m.from_config
     assert src is not None
-    if m.trust_remote_code:
-        log.warning("trust_remote_code is on: code from %s may run", src)
+    _warn_remote_code(recipe, "tokenizer", src)
     tok = AutoTokenizer.from_pretrained(src, trust_remote_code=m.trust_remote_code)
     if tok.eos_token_id is None:
         raise ValueError(f"model.tokenizer: the tokenizer at {src} has no eos token; packing needs one")
@@ -41,6 +48,7 @@ def load_tokenizer(recipe: Recipe):
 def build_model(recipe: Recipe, config: PretrainedConfig, dtype: torch.dtype) -> nn.Module:
     """Pretrained weights from ``model.name_or_path``, or a random initialisation of ``config``."""
     m = recipe.model
+    _warn_remote_code(recipe, "model", m.name_or_path or config_source(recipe))
     if m.name_or_path:
         model = AutoModelForCausalLM.from_pretrained(
             m.name_or_path,
@@ -54,10 +62,49 @@ def build_model(recipe: Recipe, config: PretrainedConfig, dtype: torch.dtype) ->
         model = AutoModelForCausalLM.from_config(
             config, dtype=dtype, attn_implementation=m.attn_implementation, trust_remote_code=m.trust_remote_code
         )
-    if m.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     return model
+
+
+def apply_training_options(model: Any, recipe: Recipe, compile_layers: bool = True) -> dict[str, object]:
+    """What the recipe asks of the model itself, before it is sharded: activation checkpointing (every k-th
+    decoder layer), the fused output projection + loss, and torch.compile of each decoder layer's forward.
+
+    Compiling ``forward`` rather than the module keeps the engines' hooks (all-gather before, reshard after)
+    outside the compiled code and the state-dict names unchanged, so checkpoints do not depend on it."""
+    from .engine.loss import install_fused_loss
+
+    m, t = recipe.model, recipe.train
+    layers: list[Any] = [mod for mod in model.modules() if isinstance(mod, decoder_layer_classes(model))]
+    checkpointed = 0
+    if m.activation_checkpointing:
+        # transformers renamed gradient_checkpointing_enable (deprecated from 5.2x on)
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable({"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        selective = all(hasattr(layer, "gradient_checkpointing") for layer in layers)
+        if m.checkpoint_every > 1 and not selective:
+            log.warning("model.checkpoint_every: %s checkpoints all its layers or none", type(model).__name__)
+        for i, layer in enumerate(layers):
+            keep = i % m.checkpoint_every == 0 or not selective
+            if selective:
+                layer.gradient_checkpointing = keep
+            checkpointed += keep
+    fused = install_fused_loss(model) if t.fused_loss else False
+    compiled = t.compile and compile_layers
+    if compiled:
+        for layer in layers:
+            layer.forward = torch.compile(layer.forward)
+    applied: dict[str, object] = {
+        "checkpointed_layers": checkpointed,
+        "layers": len(layers),
+        "fused_loss": fused,
+        "compiled": compiled,
+    }
+    log.info("model options: %s", applied)
+    return applied
 
 
 def decoder_layer_classes(model: nn.Module) -> tuple[type, ...]:

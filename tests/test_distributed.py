@@ -17,8 +17,29 @@ ENGINES = {
     "zero3": ("deepspeed", "zero3.json", {}),
     "fsdp": ("fsdp", "fsdp.yaml", {}),
     "hsdp": ("fsdp", "fsdp-hybrid.yaml", {}),
-    "fsdp-ckpt": ("fsdp", "fsdp.yaml", {"activation_checkpointing": True}),
+    "fsdp-ckpt": ("fsdp", "fsdp.yaml", {"model": {"activation_checkpointing": True}}),
+    # the speed options: the plain loss over full logits, selective checkpointing with deeper prefetching,
+    # compiled decoder layers, ZeRO-3 gathering per submodule (DeepSpeed's default) instead of per layer
+    "fsdp-options": (
+        "fsdp",
+        "fsdp.yaml",
+        {
+            "model": {"activation_checkpointing": True, "checkpoint_every": 2},
+            "train": {"fused_loss": False},
+            "parallel": {"fsdp": {"prefetch_layers": 2}},
+        },
+    ),
+    "fsdp-compile": ("fsdp", "fsdp.yaml", {"train": {"compile": True}}),
+    "zero3-per-module": ("deepspeed", "zero3.json", {"parallel": {"zero3_layer_gather": False}}),
 }
+
+
+def deep_update(tree: dict, values: dict) -> None:
+    for k, v in values.items():
+        if isinstance(v, dict):
+            deep_update(tree.setdefault(k, {}), v)
+        else:
+            tree[k] = v
 
 
 @pytest.fixture(scope="module")
@@ -28,10 +49,12 @@ def parity_runs(assets, tmp_path_factory):
     DeepSpeedCPUAdam, built on first use."""
     root = tmp_path_factory.mktemp("parity")
     outs = {}
-    for name, (engine, config, model) in ENGINES.items():
+    for name, (engine, config, options) in ENGINES.items():
         out = root / name
         tree = tiny_recipe(assets, out, train={"max_steps": 5, "global_batch_size": 8, "save_every": 2},
-                           model=model, parallel={"engine": engine, "config": config, "nproc_per_node": 2})  # fmt: skip
+                           parallel={"engine": engine, "config": config, "nproc_per_node": 2})  # fmt: skip
+        for section, values in options.items():
+            deep_update(tree.setdefault(section, {}), values)
         cpt("run", str(write_recipe(root / f"{name}.yaml", tree)))
         outs[name] = out
     return outs

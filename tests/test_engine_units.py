@@ -52,3 +52,77 @@ def test_eval_batches_pad_the_short_block_with_ignored_labels():
     assert ids.tolist() == [[1, 2, 3], [4, 5, 0]]
     assert labels.tolist() == [[1, 2, 3], [4, 5, -100]]
     assert out[1][0].tolist() == [[6, 7, 8]]
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64])
+def test_fused_linear_loss_matches_projection_then_cross_entropy(chunk):
+    from launcher.engine.loss import linear_cross_entropy
+
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(3, 17, 8, generator=g, requires_grad=True)
+    weight = torch.randn(50, 8, generator=g, requires_grad=True)
+    labels = torch.randint(0, 50, (3, 17), generator=g)
+    labels[0, 5:9] = -100
+    labels[2, 16] = -100
+    expected = causal_lm_loss(hidden @ weight.t(), labels)
+    expected.backward(torch.tensor(0.25))
+    want_h, want_w = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    got = linear_cross_entropy(hidden, weight, labels, chunk=chunk)
+    got.backward(torch.tensor(0.25))
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(hidden.grad, want_h)
+    torch.testing.assert_close(weight.grad, want_w)
+
+
+def test_chunk_size_keeps_fp32_logits_under_the_budget():
+    from launcher.engine.loss import CHUNK_BYTES, chunk_tokens
+
+    assert chunk_tokens(32000) == 8192 and chunk_tokens(128256) == 2048
+    for vocab in (1000, 32000, 50257, 128256, 262144):
+        rows = chunk_tokens(vocab)
+        assert rows * vocab * 4 <= CHUNK_BYTES < 2 * rows * vocab * 4
+
+
+def test_fused_head_gives_the_models_loss_and_leaves_the_model_as_it_was(assets):
+    """On a real (tiny) Llama: same loss and gradients as the model's own logits, same state-dict names, tied
+    weights still one parameter, plain logits again as soon as no labels are pending (evaluation)."""
+    from transformers import AutoModelForCausalLM
+
+    from launcher.engine.base import forward_loss
+    from launcher.engine.loss import FusedLossHead, install_fused_loss
+
+    for tied in (False, True):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(assets["base"], tie_word_embeddings=tied)
+        keys = list(model.state_dict())
+        ids = torch.randint(0, model.config.vocab_size, (2, 16))
+        batch = {"input_ids": ids, "labels": ids}
+        expected = forward_loss(model, model, batch, torch.device("cpu"), fused=False)
+        expected.backward()
+        want = {n: p.grad.clone() for n, p in model.named_parameters()}
+        model.zero_grad(set_to_none=True)
+        logits = model(input_ids=ids).logits
+        assert install_fused_loss(model) and isinstance(model.lm_head, FusedLossHead)
+        got = forward_loss(model, model, batch, torch.device("cpu"), fused=True)
+        got.backward()
+        torch.testing.assert_close(got, expected)
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(p.grad, want[n], msg=n)
+        assert list(model.state_dict()) == keys
+        assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
+        torch.testing.assert_close(model(input_ids=ids).logits, logits)
+
+
+def test_selective_activation_checkpointing_marks_every_kth_layer(assets):
+    from transformers import AutoModelForCausalLM
+
+    from launcher.model import apply_training_options
+
+    model = AutoModelForCausalLM.from_pretrained(assets["base"])
+    recipe = Recipe()
+    recipe.model.activation_checkpointing = True
+    recipe.model.checkpoint_every = 2
+    applied = apply_training_options(model, recipe)
+    flags = [layer.gradient_checkpointing for layer in model.model.layers]
+    assert flags == [i % 2 == 0 for i in range(len(flags))] and applied["checkpointed_layers"] == sum(flags)

@@ -107,6 +107,18 @@ def scrub(value: Any) -> Any:
 
 
 REDACTED = "***"
+
+
+def redact_values(value: Any) -> Any:
+    """``value`` with every value under a secret-looking key replaced by ``***``, recursively (the key stays, so
+    a reader sees that one was set)."""
+    if isinstance(value, dict):
+        return {k: REDACTED if is_secret_key(k) else redact_values(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [redact_values(v) for v in value]
+    return value
+
+
 _URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
 
 

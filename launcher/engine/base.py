@@ -12,6 +12,7 @@ from transformers import PretrainedConfig
 
 from ..config import BatchLayout, Recipe
 from ..launch import DistInfo
+from .loss import clear_labels, set_labels
 
 Batch = dict[str, torch.Tensor]
 
@@ -58,6 +59,22 @@ def model_inputs(batch: Batch, device: torch.device) -> dict[str, torch.Tensor]:
     return {k: batch[k].to(device, non_blocking=True) for k in MODEL_INPUTS if k in batch}
 
 
+def forward_loss(
+    module: nn.Module, hf_model: nn.Module, batch: Batch, device: torch.device, fused: bool
+) -> torch.Tensor:
+    """The mean next-token loss of one micro-batch through ``module`` (the engine's wrapper of ``hf_model``).
+    With the fused head the model's output is the loss itself; the logits are never formed."""
+    inputs = model_inputs(batch, device)
+    labels = batch["labels"].to(device, non_blocking=True)
+    if not fused:
+        return causal_lm_loss(module(**inputs).logits, labels)
+    set_labels(hf_model, labels)
+    try:
+        return module(**inputs).logits.view(())
+    finally:
+        clear_labels(hf_model)
+
+
 class Engine(ABC):
     """One interface over DeepSpeed and FSDP2: build and shard, step, evaluate, save, load, gather."""
 
@@ -67,6 +84,10 @@ class Engine(ABC):
         self.layout = layout
         self.config = config
         self.dtype = resolve_dtype(recipe, info.device)
+        self.fused_loss = False
+        """Set by the engine when the model's head computes the loss (:mod:`launcher.engine.loss`)."""
+        self.skipped = False
+        """Whether the last :meth:`train_step` dropped its update: its gradient norm was not finite."""
 
     @property
     @abstractmethod
@@ -76,7 +97,8 @@ class Engine(ABC):
     @abstractmethod
     def train_step(self, micro_batches: list[Batch]) -> tuple[torch.Tensor, float]:
         """Forward and backward over the micro-batches, one optimizer step. Returns this rank's mean loss (a
-        tensor, so the caller decides when to synchronise) and the global gradient norm before clipping."""
+        tensor, so the caller decides when to synchronise) and the global gradient norm before clipping. A
+        non-finite norm (the same on every rank) drops the update and sets :attr:`skipped`."""
 
     @abstractmethod
     def lr(self) -> float: ...

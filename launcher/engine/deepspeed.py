@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 from typing import Any
 
 import deepspeed
 import torch
+from deepspeed.utils import set_z3_leaf_modules
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import PretrainedConfig
 from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
 
+from ..callbacks.base import redact_values
 from ..config import BatchLayout, Recipe
 from ..launch import DistInfo
-from ..model import build_model
-from .base import Batch, Engine, causal_lm_loss, lr_lambda, model_inputs
+from ..model import apply_training_options, build_model, decoder_layer_classes
+from .base import Batch, Engine, forward_loss, lr_lambda
 
 
 def fill_auto(recipe: Recipe, layout: BatchLayout, hidden_size: int, dtype: torch.dtype, cuda: bool) -> dict[str, Any]:
@@ -76,6 +79,12 @@ class DeepSpeedEngine(Engine):
         finally:
             del hf_ds
             unset_hf_deepspeed_config()
+        # DeepCompile ("compile": {"deepcompile": true} in the DeepSpeed config) compiles the whole model with
+        # ZeRO's gathers scheduled inside the graph; otherwise train.compile compiles each decoder layer.
+        deepcompile = bool((self.ds_config.get("compile") or {}).get("deepcompile"))
+        self.fused_loss = bool(apply_training_options(model, recipe, compile_layers=not deepcompile)["fused_loss"])
+        if self.stage == 3 and recipe.parallel.zero3_layer_gather:
+            set_z3_leaf_modules(model, list(decoder_layer_classes(model)))
         self.ds, _, _, _ = deepspeed.initialize(
             model=model,
             model_parameters=[p for p in model.parameters() if p.requires_grad],
@@ -83,6 +92,8 @@ class DeepSpeedEngine(Engine):
             lr_scheduler=lambda opt: LambdaLR(opt, lr_lambda(recipe)),
             dist_init_required=False,
         )
+        if deepcompile and recipe.train.compile:
+            self.ds.compile()
 
     @property
     def module(self):
@@ -90,20 +101,31 @@ class DeepSpeedEngine(Engine):
 
     def train_step(self, micro_batches: list[Batch]) -> tuple[torch.Tensor, float]:
         total = torch.zeros((), device=self.info.device)
+        skipped_before = self.ds.skipped_steps
         for mb in micro_batches:
-            logits = self.ds(**model_inputs(mb, self.info.device)).logits
-            loss = causal_lm_loss(logits, mb["labels"].to(self.info.device))
+            loss = forward_loss(self.ds, self.ds.module, mb, self.info.device, self.fused_loss)
             self.ds.backward(loss)
             self.ds.step()
             total += loss.detach()
+        # DeepSpeed drops the update itself when the global gradient norm is not finite (every ZeRO stage,
+        # bf16 and fp32 alike) and leaves the learning-rate schedule where it was.
+        self.skipped = self.ds.skipped_steps > skipped_before
         norm = self.ds.get_global_grad_norm()
+        if self.skipped:
+            norm = float("nan") if norm is None or math.isfinite(norm) else norm
         return total / len(micro_batches), float(norm) if norm is not None else float("nan")
 
     def lr(self) -> float:
         return self.ds.get_lr()[0]
 
     def save(self, path: Path) -> None:
-        self.ds.save_checkpoint(str(path.parent), tag=path.name, save_latest=False)
+        # DeepSpeed stores its whole config in every checkpoint file: keep secrets (a monitor's api_key, say) out.
+        config = self.ds.config
+        self.ds.config = redact_values(config)
+        try:
+            self.ds.save_checkpoint(str(path.parent), tag=path.name, save_latest=False)
+        finally:
+            self.ds.config = config
 
     def load(self, path: Path) -> None:
         load_path, _ = self.ds.load_checkpoint(

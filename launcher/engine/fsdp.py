@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any, cast
 
@@ -26,8 +27,8 @@ from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from ..config import BatchLayout, Recipe
 from ..launch import DistInfo
-from ..model import build_model, decoder_layer_classes
-from .base import Batch, Engine, causal_lm_loss, lr_lambda, model_inputs
+from ..model import apply_training_options, build_model, decoder_layer_classes
+from .base import Batch, Engine, forward_loss, lr_lambda
 
 log = logging.getLogger(__name__)
 
@@ -69,16 +70,20 @@ class FsdpEngine(Engine):
                 config, dtype=torch.float32, attn_implementation=recipe.model.attn_implementation,
                 trust_remote_code=recipe.model.trust_remote_code,
             )  # fmt: skip
-        if recipe.model.activation_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.fused_loss = bool(apply_training_options(model, recipe)["fused_loss"])
         buffers = {n: b.clone() for n, b in model.named_buffers()}
         # Each decoder layer is its own FSDP unit, so one layer's all-gather overlaps the previous one's compute;
         # the root unit holds embeddings, final norm and lm_head (tied weights stay one parameter there).
         layer_types = decoder_layer_classes(model)
-        for mod in list(model.modules()):
-            if isinstance(mod, layer_types):
-                fully_shard(cast(nn.Module, mod), **kwargs)
+        layers: list[Any] = [mod for mod in model.modules() if isinstance(mod, layer_types)]
+        for layer in layers:
+            fully_shard(cast(nn.Module, layer), **kwargs)
         fully_shard(model, **kwargs)
+        # Issue the next layers' all-gathers before the current layer computes, in both directions.
+        k = f.prefetch_layers
+        for i, layer in enumerate(layers if k else []):
+            layer.set_modules_to_forward_prefetch(layers[i + 1 : i + 1 + k])
+            layer.set_modules_to_backward_prefetch(layers[max(0, i - k) : i][::-1])
         model.to_empty(device="cpu" if offload else info.device)
         with torch.no_grad():
             for name, value in buffers.items():
@@ -109,18 +114,21 @@ class FsdpEngine(Engine):
         for i, mb in enumerate(micro_batches):
             # Reduce-scatter gradients once per optimizer step, not once per micro-batch.
             self.model.set_requires_gradient_sync(i == n - 1)
-            logits = self.model(**model_inputs(mb, self.info.device)).logits
-            loss = causal_lm_loss(logits, mb["labels"].to(self.info.device))
+            loss = forward_loss(self.model, self.model, mb, self.info.device, self.fused_loss)
             (loss / n).backward()
             total += loss.detach()
         clip = self.recipe.train.grad_clip or float("inf")
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip, foreach=True)
         if isinstance(norm, DTensor):
             norm = norm.full_tensor()
-        self.optimizer.step()
-        self.scheduler.step()
+        value = float(norm.item())
+        # The norm is reduced over every rank, so all of them agree on skipping a non-finite step.
+        self.skipped = not math.isfinite(value)
+        if not self.skipped:
+            self.optimizer.step()
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return total / n, float(norm.item())
+        return total / n, value
 
     def lr(self) -> float:
         return float(self.scheduler.get_last_lr()[0])

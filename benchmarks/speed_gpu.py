@@ -1,0 +1,221 @@
+"""GPU speed: our recipes on both engines against HF Trainer + DeepSpeed ZeRO-3, in one call on one machine.
+
+    python benchmarks/speed_gpu.py --assets bench_assets --out /tmp/speed [--steps 12] [--runs fsdp baseline ...]
+
+The model is the 1.1B Llama shape of ``recipes/llama-1b-scratch.yaml`` (hidden 2048, 22 layers, 32 heads,
+4 KV heads, FFN 5632) with the vocabulary of a 32K BPE tokenizer, trained on real text (Python's standard
+library source, streamed, tokenized and packed by the data pipeline with 2 DataLoader workers per rank), seq 2048,
+bf16. ``--assets`` is a directory made by ``benchmarks/e2e_gpu.py``'s builders (``data/code_train.jsonl`` and
+``llama-1b/`` with config and tokenizer); it is built when missing.
+
+Every run is an ordinary ``cpt run`` of the recipe with command-line overrides; tokens/s per GPU is taken over the
+steps after ``--warmup`` (the first steps include torch.compile's kernel generation), from the per-step
+``step_time`` in metrics.jsonl; MFU uses the same function as the training logs. For each run the per-GPU memory
+estimate of ``cpt plan`` is recorded next to the measured peak. Writes
+``benchmarks/results/<date>-speed-<card>.json`` (and a copy under $OUT) and prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+RECIPE = REPO / "recipes" / "llama-1b-scratch.yaml"
+FAST = ["train.compile=true", "train.fused_loss=true"]
+# name: (engine config, GPUs, micro-batch, overrides); the global batch is micro-batch x GPUs (no accumulation)
+RUNS: dict[str, tuple[str, int, int, list[str]]] = {
+    "fsdp": ("fsdp.yaml", 2, 16, FAST),
+    "baseline": ("", 2, 4, []),
+    "zero3": ("zero3.json", 2, 16, FAST),
+    "fsdp-1gpu": ("fsdp.yaml", 1, 16, FAST),
+    "fsdp-eager": ("fsdp.yaml", 2, 16, ["train.compile=false"]),
+    "zero3-per-module": ("zero3.json", 2, 16, [*FAST, "parallel.zero3_layer_gather=false"]),
+}
+BASELINE_GLOBAL_BATCH = 32
+# tried when the run above fails (recorded under "<name>-fallback", with the failure kept)
+FALLBACK = {"zero3": ["train.compile=false"], "fsdp": ["train.compile=false"]}
+
+
+def ensure_assets(root: Path) -> dict[str, Path]:
+    model, data = root / "llama-1b", root / "data" / "code_train.jsonl"
+    if not (model / "config.json").is_file() or not data.is_file():
+        from benchmarks.e2e_gpu import model_dir  # noqa: PLC0415
+        from launcher.quickstart_assets import build_corpora, build_tokenizer  # noqa: PLC0415
+
+        c = build_corpora(root / "data", max_code_chars=12_000_000)
+        tok = build_tokenizer(root / "tokenizer", [c["prose_train"], c["code_train"]], vocab_size=32000)
+        model_dir(root, tok)
+    return {"model": model, "data": data}
+
+
+def run_process(cmd: list[str], env: dict[str, str], timeout: float, log: Path) -> tuple[int, float]:
+    start = time.time()
+    with log.open("w") as f:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            rc = -9
+    return rc, time.time() - start
+
+
+def ours(name: str, assets: dict[str, Path], out: Path, steps: int, timeout: float, env: dict[str, str]) -> dict:
+    from launcher.config import load_recipe
+    from launcher.memory import GIB, estimate
+    from launcher.metrics import flops_per_token, mfu
+    from launcher.model import load_config
+
+    config, gpus, mb, extra = RUNS[name]
+    engine = "fsdp" if config.endswith(".yaml") else "deepspeed"
+    run_dir = out / name
+    overrides = [
+        f"output_dir={run_dir}", f"model.from_config={assets['model']}", f"model.tokenizer={assets['model']}",
+        f"data.train=[{{path: {assets['data']}}}]", "data.num_workers=2", "eval.sets={fineweb: null}",
+        f"train.max_steps={steps}", f"train.micro_batch_size={mb}", f"train.global_batch_size={mb * gpus}",
+        "train.log_every=1", "train.save_every=0", "train.save_final=false", "train.export_final=false",
+        "logging.wandb=disabled", "logging.progress=false", f"parallel.engine={engine}", f"parallel.config={config}",
+        f"parallel.nproc_per_node={gpus}", *extra,
+    ]  # fmt: skip
+    cmd = [sys.executable, "-m", "launcher", "run", str(RECIPE), *overrides]
+    run_env = {**env, "CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in range(gpus))}
+    rc, wall = run_process(cmd, run_env, timeout, out / f"{name}.log")
+    recipe = load_recipe(RECIPE, overrides, world_size=gpus, check_files=False)
+    cfg = load_config(recipe)
+    record: dict = {"engine": engine, "config": config, "gpus": gpus, "micro_batch": mb, "global_batch": mb * gpus,
+                    "rc": rc, "wall_s": round(wall, 1), "command": "cpt run " + " ".join([str(RECIPE.relative_to(REPO)),
+                    *overrides]).replace(str(out), "$OUT")}  # fmt: skip
+    record["memory_estimate_gib"] = round(estimate(recipe, cfg, gpus).total / GIB, 2)
+    metrics = run_dir / "metrics.jsonl"
+    lines = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()] if metrics.is_file() else []
+    train = [x for x in lines if "loss" in x]
+    warm = max(1, min(4, len(train) - 2))
+    steady = train[warm:]
+    if not steady:
+        return record
+    step_time = sum(x["step_time"] for x in steady) / len(steady)
+    per_gpu = mb * recipe.data.seq_len / step_time
+    peak = 989e12
+    record.update(
+        steps_measured=len(steady), step_time_s=round(step_time, 4), tokens_per_s_per_gpu=round(per_gpu),
+        mfu=round(mfu(per_gpu, flops_per_token(cfg, recipe.data.seq_len), peak) or 0, 4),
+        data_wait_frac=round(sum(x["data_wait"] for x in steady) / sum(x["step_time"] for x in steady), 4),
+        peak_mem_gib=round(max(x.get("mem_peak_gib", 0) for x in train), 2),
+        losses=[round(x["loss"], 4) for x in train],
+    )  # fmt: skip
+    if record["peak_mem_gib"]:
+        record["estimate_error"] = round(record["memory_estimate_gib"] / record["peak_mem_gib"] - 1, 3)
+    return record
+
+
+def baseline(assets: dict[str, Path], out: Path, steps: int, timeout: float, env: dict[str, str]) -> dict:
+    _, gpus, mb, _ = RUNS["baseline"]
+    result = out / "baseline.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}",
+           str(REPO / "benchmarks" / "hf_trainer_baseline.py"), "--model", str(assets["model"]), "--data",
+           str(assets["data"]), "--micro-batch", str(mb), "--global-batch", str(BASELINE_GLOBAL_BATCH),
+           "--steps", str(steps), "--out", str(result)]  # fmt: skip
+    rc, wall = run_process(cmd, env, timeout, out / "baseline.log")
+    record = json.loads(result.read_text()) if result.is_file() else {}
+    record.update(
+        rc=rc, wall_s=round(wall, 1), command=" ".join(cmd).replace(str(out), "$OUT").replace(str(REPO) + "/", "")
+    )
+    return record
+
+
+def table(runs: dict[str, dict]) -> str:
+    base = runs.get("baseline", {}).get("tokens_per_s_per_gpu")
+    head = "| run | GPUs | micro/global batch | tokens/s/GPU | MFU | x baseline | peak GiB | estimate GiB | data wait |"
+    rows = [head, "|---|---|---|---|---|---|---|---|---|"]
+    for name, r in runs.items():
+        tps = r.get("tokens_per_s_per_gpu")
+        if not tps:
+            rows.append(f"| {name} | {r.get('gpus')} | | failed (rc {r.get('rc')}) | | | | | |")
+            continue
+        ratio = f"{tps / base:.2f}" if base else ""
+        est = r.get("memory_estimate_gib", "")
+        wait = f"{100 * r['data_wait_frac']:.2f}%" if "data_wait_frac" in r else ""
+        mfu = f"{100 * (r.get('mfu') or 0):.1f}%"
+        rows.append(f"| {name} | {r['gpus']} | {r['micro_batch']}/{r['global_batch']} | {tps:,.0f} | {mfu} | "
+                    f"{ratio} | {r.get('peak_mem_gib')} | {est} | {wait} |")  # fmt: skip
+    return "\n".join(rows)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--assets", default="bench_assets")
+    p.add_argument("--out", default="runs/speed")
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--runs", nargs="+", default=["fsdp", "baseline", "zero3", "fsdp-1gpu"], choices=list(RUNS))
+    p.add_argument("--timeout", type=float, default=150, help="seconds per run")
+    p.add_argument("--deadline", type=float, default=0, help="skip runs that would start after this many seconds")
+    p.add_argument("--results", default=str(REPO / "benchmarks" / "results"))
+    args = p.parse_args()
+    t0 = time.time()
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    assets = ensure_assets(Path(args.assets).resolve())
+    import torch
+
+    card = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    git = subprocess.run(["git", "rev-parse", "--verify", "HEAD"], capture_output=True, text=True, cwd=REPO)
+    record: dict = {
+        "date": datetime.date.today().isoformat(), "card": card, "gpus_on_host": torch.cuda.device_count(),
+        "model": "llama 1.1B shape (recipes/models/llama-1b.json, 32K BPE vocabulary)", "seq_len": 2048,
+        "precision": "bf16", "peak_tflops": 989,
+        "git_revision": git.stdout.strip() or os.environ.get("CPT_GIT_REVISION", ""),
+        "command": " ".join(["python", "benchmarks/speed_gpu.py", *sys.argv[1:]]), "runs": {},
+    }  # fmt: skip
+    env = {**os.environ, "NCCL_NVLS_ENABLE": "0", "TOKENIZERS_PARALLELISM": "false"}
+    name_card = card.replace(" ", "-").replace("/", "-")
+    results = Path(args.results)
+    results.mkdir(parents=True, exist_ok=True)
+    path = results / f"{record['date']}-speed-{name_card}.json"
+    for name in args.runs:
+        if args.deadline and time.time() - t0 > args.deadline:
+            record["runs"][name] = {"skipped": "deadline"}
+            continue
+        print(f"--- {name} ({time.time() - t0:.0f} s)", flush=True)
+        if name == "baseline":
+            r = baseline(assets, out, args.steps, args.timeout, env)
+        else:
+            r = ours(name, assets, out, args.steps, args.timeout, env)
+        record["runs"][name] = r
+        print(json.dumps({k: v for k, v in r.items() if k not in ("losses", "command")}), flush=True)
+        if r.get("rc") != 0:
+            print((out / f"{name}.log").read_text()[-3000:], flush=True)
+            if name in FALLBACK and not (args.deadline and time.time() - t0 > args.deadline):
+                config, gpus, mb, extra = RUNS[name]
+                RUNS[f"{name}-fallback"] = (config, gpus, mb, [*extra, *FALLBACK[name]])
+                r = ours(f"{name}-fallback", assets, out, args.steps, args.timeout, env)
+                record["runs"][f"{name}-fallback"] = r
+                print(json.dumps({k: v for k, v in r.items() if k not in ("losses", "command")}), flush=True)
+        base = record["runs"].get("baseline", {}).get("tokens_per_s_per_gpu")
+        for run in record["runs"].values():
+            if base and run.get("tokens_per_s_per_gpu") and run is not record["runs"]["baseline"]:
+                run["x_baseline"] = round(run["tokens_per_s_per_gpu"] / base, 2)
+        one, two = record["runs"].get("fsdp-1gpu", {}), record["runs"].get("fsdp", {})
+        if one.get("tokens_per_s_per_gpu") and two.get("tokens_per_s_per_gpu"):
+            record["weak_scaling_1_to_2"] = round(two["tokens_per_s_per_gpu"] / one["tokens_per_s_per_gpu"], 3)
+        text = json.dumps(record, indent=2)
+        path.write_text(text)
+        if os.environ.get("OUT"):
+            Path(os.environ["OUT"], path.name).write_text(text)
+    print(table(record["runs"]))
+    print(f"wrote {path} in {time.time() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

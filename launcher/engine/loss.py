@@ -1,0 +1,131 @@
+"""Next-token cross-entropy fused with the output projection, computed a chunk of tokens at a time.
+
+The plain path materialises the logits of the whole micro-batch (tokens x vocab) in bf16, then again in fp32 for
+the softmax, and keeps them for the backward pass: at micro-batch 16 x 2048 and a 32K vocabulary that is 6 GiB,
+at a 128K vocabulary 24 GiB. Here each chunk of tokens is projected, its loss and its gradients (with respect
+to the hidden states and to the projection weight) are worked out at once, and the chunk's logits are dropped
+before the next chunk: the backward pass only scales the stored gradients. The FLOPs are the same as the plain
+path (one forward and two backward matmuls per chunk); nothing is recomputed.
+
+The head is switched in place (its class), so the parameter, its name in state dicts, weight tying and the hooks
+the sharding engines put on the module are all unchanged; the engines' own all-gather and reduce-scatter of the
+weight happen around it as before. Without pending labels (evaluation, generation) it is a plain linear layer.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+CHUNK_BYTES = 1 << 30
+"""fp32 logits held at once: the chunk is the largest power of two of tokens that fits (8192 tokens at a 32K
+vocabulary, 2048 at 128K). Larger chunks mean larger, more efficient matmuls."""
+
+
+def chunk_tokens(vocab: int, budget: int = CHUNK_BYTES) -> int:
+    rows = max(1, budget // (4 * vocab))
+    return 1 << (rows.bit_length() - 1)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """``mean cross_entropy(hidden @ weight.T, labels)`` over the labels that are not IGNORE_INDEX."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int) -> torch.Tensor:
+        n = hidden.shape[0]
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        count = (labels != IGNORE_INDEX).sum().clamp(min=1).to(torch.float32)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_h = torch.empty_like(hidden) if want_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
+        for start in range(0, n, chunk):
+            h = hidden[start : start + chunk]
+            y = labels[start : start + chunk]
+            logits = (h @ weight.t()).float()
+            valid = y != IGNORE_INDEX
+            target = y.clamp(min=0)
+            lse = torch.logsumexp(logits, dim=-1)
+            total += ((lse - logits.gather(1, target[:, None]).squeeze(1)) * valid).sum()
+            if not (want_h or want_w):
+                continue
+            # d loss / d logits = softmax - onehot, per valid token, over the token count (the mean)
+            grad = logits.sub_(lse[:, None]).exp_()
+            grad[torch.arange(grad.shape[0], device=grad.device), target] -= 1
+            grad *= (valid.to(grad.dtype) / count)[:, None]
+            grad = grad.to(hidden.dtype)
+            if grad_h is not None:
+                torch.matmul(grad, weight, out=grad_h[start : start + chunk])
+            if grad_w is not None:
+                grad_w += (grad.t() @ h).float()
+            del logits, grad
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight.dtype
+        return total / count
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        grad_h, grad_w = ctx.saved_tensors
+        gh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
+        gw = (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None
+        return gh, gw, None, None
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int | None = None
+) -> torch.Tensor:
+    """Mean next-token loss of ``hidden`` [batch, seq, dim] projected by ``weight`` [vocab, dim]: position t
+    predicts ``labels[t+1]``. Matches ``causal_lm_loss(hidden @ weight.T, labels)``."""
+    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    y = labels[:, 1:].reshape(-1)
+    return _LinearCrossEntropy.apply(h, weight, y, chunk or chunk_tokens(weight.shape[0]))
+
+
+class FusedLossHead(nn.Linear):
+    """The model's ``lm_head`` after :func:`install_fused_loss`. With labels set by :func:`set_labels` its next
+    forward returns the micro-batch's mean loss (shape [1, 1, 1], where the logits would be) instead of logits."""
+
+    pending_labels: torch.Tensor | None = None
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        labels = self.pending_labels
+        if labels is None:
+            return super().forward(hidden)
+        self.pending_labels = None
+        if self.bias is not None:
+            raise ValueError("fused loss: an output projection with a bias is not supported")
+        return linear_cross_entropy(hidden, self.weight, labels).view(1, 1, 1).clone()
+
+
+# Configs that change the logits after the projection: the fused loss would skip that step.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+def install_fused_loss(model: nn.Module) -> bool:
+    """Switch the output projection of a Hugging Face causal LM to :class:`FusedLossHead`. False (and the
+    model unchanged) where the model is not a plain ``hidden -> lm_head -> logits`` decoder."""
+    head = getattr(model, "lm_head", None) if hasattr(model, "get_output_embeddings") else None
+    cfg = getattr(model, "config", None)
+    transforms = [k for k in _LOGIT_TRANSFORMS if getattr(cfg, k, None) not in (None, 1, 1.0)]
+    if type(head) is not nn.Linear or head.bias is not None or transforms:
+        why = f"it sets {transforms}" if transforms else "its output projection is not a plain linear layer"
+        log.info("train.fused_loss: using the model's logits instead, %s", why)
+        return False
+    head.__class__ = FusedLossHead
+    return True
+
+
+def set_labels(model: nn.Module, labels: torch.Tensor) -> None:
+    head = model.get_submodule("lm_head")
+    assert isinstance(head, FusedLossHead)
+    head.pending_labels = labels
+
+
+def clear_labels(model: nn.Module) -> None:
+    head = model.get_submodule("lm_head")
+    if isinstance(head, FusedLossHead):
+        head.pending_labels = None

@@ -1,0 +1,99 @@
+"""`cpt plan`'s per-GPU memory estimate: the model-state bytes by engine, the activation and loss terms, the fit."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import cpt, tiny_recipe, write_recipe
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from launcher.config import load_recipe
+from launcher.memory import GIB, estimate, layer_activation_bytes, suggest_micro_batch
+from launcher.metrics import param_count
+
+LLAMA_1B = "recipes/models/llama-1b.json"
+
+
+def recipe_for(tmp_path, assets, **sections):
+    tree = tiny_recipe(assets, tmp_path / "out", **sections)
+    return load_recipe(write_recipe(tmp_path / "r.yaml", tree), check_files=False)
+
+
+def big_config():
+    from launcher.config import PACKAGE_ROOT
+
+    return AutoConfig.from_pretrained(PACKAGE_ROOT / LLAMA_1B)
+
+
+def test_model_states_follow_the_engine(tmp_path, assets):
+    cfg = big_config()
+    n = param_count(cfg)
+    fsdp = recipe_for(tmp_path, assets, parallel={"engine": "fsdp", "config": "fsdp.yaml"})
+    zero3 = recipe_for(tmp_path, assets, parallel={"engine": "deepspeed", "config": "zero3.json"})
+    zero2 = recipe_for(tmp_path, assets, parallel={"engine": "deepspeed", "config": "zero2.json"})
+    offload = recipe_for(tmp_path, assets, parallel={"engine": "fsdp", "config": "fsdp-offload.yaml"})
+    for w in (1, 2, 8):
+        assert estimate(fsdp, cfg, w).parts["params+grads+adam"] == pytest.approx(16 * n / w)
+        assert estimate(zero3, cfg, w).parts["params+grads+adam"] == pytest.approx(18 * n / w)
+        # ZeRO-2: the whole bf16 model, sharded gradients, master weights and Adam states
+        assert estimate(zero2, cfg, w).parts["params+grads+adam"] == pytest.approx(2 * n + 14 * n / w)
+        assert estimate(offload, cfg, w).parts["params+grads+adam"] == 0
+
+
+def test_param_count_is_the_built_models(assets):
+    cfg = AutoConfig.from_pretrained(assets["base"])
+    model = AutoModelForCausalLM.from_config(cfg)
+    assert param_count(cfg) == sum(p.numel() for p in model.parameters())
+
+
+def test_activations_scale_with_tokens_and_shrink_with_checkpointing_and_compile(tmp_path, assets):
+    cfg = big_config()
+    plain = recipe_for(tmp_path, assets, data={"seq_len": 2048})
+    a1 = estimate(plain, cfg, 2, micro_batch_size=1).parts["activations"]
+    a4 = estimate(plain, cfg, 2, micro_batch_size=4).parts["activations"]
+    assert a4 == pytest.approx(4 * a1)
+    per_layer = layer_activation_bytes(cfg)
+    assert a1 == pytest.approx(2048 * (cfg.num_hidden_layers * per_layer + 8 * cfg.hidden_size))
+    full = recipe_for(tmp_path, assets, data={"seq_len": 2048}, model={"activation_checkpointing": True})
+    half = recipe_for(tmp_path, assets, data={"seq_len": 2048},
+                      model={"activation_checkpointing": True, "checkpoint_every": 2})  # fmt: skip
+    compiled = recipe_for(tmp_path, assets, data={"seq_len": 2048}, train={"compile": True})
+    sizes = [estimate(r, cfg, 2).parts["activations"] for r in (full, half, compiled, plain)]
+    assert sizes == sorted(sizes) and len(set(sizes)) == 4
+
+
+def test_fused_loss_never_holds_the_whole_batch_of_logits(tmp_path, assets):
+    cfg = big_config()
+    fused = recipe_for(tmp_path, assets, data={"seq_len": 2048}, train={"micro_batch_size": 16})
+    plain = recipe_for(tmp_path, assets, data={"seq_len": 2048}, train={"micro_batch_size": 16, "fused_loss": False})
+    tokens, vocab = 16 * 2048, cfg.vocab_size
+    assert estimate(plain, cfg, 2).parts["loss"] == tokens * vocab * 10
+    assert estimate(fused, cfg, 2).parts["loss"] < tokens * vocab * 10 / 3
+
+
+def test_suggested_micro_batch_is_the_largest_that_fits(tmp_path, assets):
+    cfg = big_config()
+    r = recipe_for(tmp_path, assets, data={"seq_len": 2048}, train={"micro_batch_size": 1, "global_batch_size": 64},
+                   parallel={"engine": "fsdp", "config": "fsdp.yaml"})  # fmt: skip
+    gpu = 80 * GIB
+    mb, accum = suggest_micro_batch(r, cfg, 2, gpu)
+    assert mb * accum == 32
+    assert estimate(r, cfg, 2, micro_batch_size=mb).total <= 0.9 * gpu
+    bigger = [m for m in range(mb + 1, 33) if 32 % m == 0]
+    assert all(estimate(r, cfg, 2, micro_batch_size=m).total > 0.9 * gpu for m in bigger)
+    assert suggest_micro_batch(r, cfg, 2, 1 * GIB) is None
+
+
+def test_cpt_plan_prints_the_estimate_and_warns_when_it_will_not_fit(tmp_path, assets):
+    from launcher.config import PACKAGE_ROOT
+
+    tree = tiny_recipe(assets, tmp_path / "out", train={"micro_batch_size": 64, "global_batch_size": 128},
+                       data={"seq_len": 2048})  # fmt: skip
+    tree["model"] = {"from_config": str(PACKAGE_ROOT / LLAMA_1B), "tokenizer": str(assets["base"])}
+    recipe = write_recipe(tmp_path / "r.yaml", tree)
+    p = cpt("plan", str(recipe), "--gpus-per-node", "2", "--gpu-memory-gib", "80")
+    assert p.returncode == 0, p.stderr
+    assert "total (estimate)" in p.stdout and "activations" in p.stdout
+    assert "warning: the estimate" in p.stderr and "exceeds the GPU's 80.0 GiB" in p.stderr
+    assert "largest micro batch" in p.stdout
+    small = cpt("plan", str(recipe), "train.micro_batch_size=2", "--gpus-per-node", "2", "--gpu-memory-gib", "80")
+    assert small.returncode == 0 and "warning" not in small.stderr, small.stderr
