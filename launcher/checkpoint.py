@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 
 from .config import to_yaml
 from .engine import Engine
@@ -131,34 +132,29 @@ def save(
     tokenizer,
     keep_last: int,
 ) -> Path:
-    """Save and commit ``step-N``; then prune all but the newest ``keep_last``. Collective."""
+    """Save and commit ``step-N``; then prune all but the newest ``keep_last``. Collective.
+
+    Raises CheckpointError when the storage refuses a write (disk full, quota, file too large, I/O error): then
+    nothing is committed, the newest committed checkpoint stays the one a resume uses, and the partial
+    ``step-N.tmp`` is never resumed from (the next save removes it)."""
     root = checkpoints_dir(output_dir)
     final = root / f"step-{step}"
     if final.is_dir():
         return final
     tmp = root / f"step-{step}.tmp"
+    try:
+        with _torch_save_reports_os_errors():
+            _write_and_commit(engine, info, tmp, final, step, trainer_state, data_state, tokenizer)
+    except (Exception, CheckpointException) as e:
+        cause = os_error_of(e)
+        if cause is None:
+            raise
+        raise CheckpointError(_write_failure(tmp, output_dir, cause)) from e
     if info.rank == 0:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-    _barrier()
-    engine.save(tmp)
-    (tmp / f"data-rank{info.rank}.json").write_text(json.dumps(data_state))
-    torch.save(_rng_state(), tmp / f"rng-rank{info.rank}.pt")
-    _barrier()
-    if info.rank == 0:
-        engine.config.save_pretrained(tmp / "hf")
-        tokenizer.save_pretrained(tmp / "hf")
-        (tmp / "resolved_recipe.yaml").write_text(to_yaml(engine.recipe))
-        # The manifest records every file's size, so a truncated file is caught before a resume trusts it;
-        # trainer_state.json comes last and the rename commits the whole directory at once.
-        files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
-        _write_json(tmp / MANIFEST, files)
-        state = {**trainer_state, "step": step, "world_size": info.world_size, "engine": engine.recipe.parallel.engine,
-                 "dtype": str(engine.dtype).removeprefix("torch.")}  # fmt: skip
-        _write_json(tmp / "trainer_state.json", state)
-        os.replace(tmp, final)
-        _write_atomic(root / "latest", final.name + "\n")
+        try:
+            _write_atomic(root / "latest", final.name + "\n")
+        except OSError as e:
+            log.warning("checkpoint %s is committed but %s could not be updated: %s", final, root / "latest", e)
         # Old checkpoints go only once the new one is committed.
         for old in complete_checkpoints(output_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
@@ -167,12 +163,124 @@ def save(
     return final
 
 
+def _write_and_commit(
+    engine: Engine, info: DistInfo, tmp: Path, final: Path, step: int, trainer_state: dict[str, Any],
+    data_state: dict[str, Any], tokenizer,
+) -> None:  # fmt: skip
+    """Every file of ``step-N`` into ``tmp``, the commit record (manifest, trainer_state.json) last, then the
+    rename to ``final`` on rank 0."""
+    if info.rank == 0:
+        for stale in tmp.parent.glob("step-*.tmp") if tmp.parent.is_dir() else []:
+            shutil.rmtree(stale)  # saves that failed or were cut short; never resumed from
+        tmp.mkdir(parents=True)
+    _barrier()
+    engine.save(tmp)
+    _write_text(tmp / f"data-rank{info.rank}.json", json.dumps(data_state))
+    torch.save(_rng_state(), tmp / f"rng-rank{info.rank}.pt")
+    _barrier()
+    if info.rank == 0:
+        engine.config.save_pretrained(tmp / "hf")
+        tokenizer.save_pretrained(tmp / "hf")
+        _write_text(tmp / "resolved_recipe.yaml", to_yaml(engine.recipe))
+        # The manifest records every file's size, so a truncated file is caught before a resume trusts it;
+        # trainer_state.json comes last and the rename commits the whole directory at once.
+        files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
+        _write_json(tmp / MANIFEST, files)
+        state = {**trainer_state, "step": step, "world_size": info.world_size, "engine": engine.recipe.parallel.engine,
+                 "dtype": str(engine.dtype).removeprefix("torch.")}  # fmt: skip
+        _write_json(tmp / "trainer_state.json", state)
+        os.replace(tmp, final)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written; the message names the file, the OS error and the checkpoint a resume
+    will use."""
+
+
+def os_error_of(error: BaseException) -> OSError | None:
+    """The OS error behind ``error``: itself, its causes and contexts, or a rank's failure reported by
+    torch.distributed.checkpoint (which collects every rank's exception); one that names its file first."""
+    seen: set[int] = set()
+    found: list[OSError] = []
+    todo: list[BaseException | None] = [error]
+    while todo:
+        e = todo.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError):
+            found.append(e)
+        if isinstance(e, CheckpointException):
+            todo += [f[0] if isinstance(f, tuple) else f for f in e.failures.values()]
+        todo += [e.__cause__, e.__context__]
+    return next((e for e in found if e.filename), found[0] if found else None)
+
+
+def _write_failure(tmp: Path, output_dir: str | Path, cause: OSError) -> str:
+    try:
+        previous = next((p for p in reversed(complete_checkpoints(output_dir)) if verify(p) is None), None)
+    except OSError:
+        previous = None
+    resume = (
+        f"the newest committed checkpoint is still {previous}, and running the same command again resumes from it"
+        if previous
+        else "there is no earlier checkpoint, so running the same command again starts from the base model"
+    )
+    return (
+        f"could not write checkpoint {tmp}: {cause}. Nothing was committed: {resume}. Free space or fix the "
+        "storage first."
+    )
+
+
+@contextmanager
+def _torch_save_reports_os_errors() -> Iterator[None]:
+    """``torch.save`` to a path writes through a Python file, and an OS error while writing is raised as that
+    OSError, naming the file. torch's own writer turns it into "file write failed" or a position mismatch,
+    which names neither the file nor the reason. Stream writes (torch.distributed.checkpoint) get the same."""
+    original = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        name = os.fspath(f) if isinstance(f, (str, os.PathLike)) else getattr(f, "name", None)
+        try:
+            if isinstance(f, (str, os.PathLike)):
+                with open(f, "wb") as stream:
+                    original(obj, stream, *args, **kwargs)
+            else:
+                original(obj, f, *args, **kwargs)
+        except (OSError, RuntimeError) as e:
+            cause = os_error_of(e)
+            if cause is None or (cause is e and cause.filename):
+                raise
+            raise OSError(cause.errno, cause.strerror, cause.filename or name) from e
+
+    torch.save = save  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        torch.save = original
+
+
+def _write_text(path: Path, text: str) -> None:
+    try:
+        with open(path, "w") as f:
+            f.write(text)
+    except OSError as e:
+        if e.filename:
+            raise
+        raise OSError(e.errno, e.strerror, str(path)) from e
+
+
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        if e.filename:
+            raise
+        raise OSError(e.errno, e.strerror, str(tmp)) from e
     os.replace(tmp, path)
 
 

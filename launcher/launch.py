@@ -43,8 +43,8 @@ SHUTDOWN_TIMEOUT_S = 600
 EXIT_STATUS_ENV = "CPT_EXIT_STATUS_FILE"
 # Workers per node; overrides the GPU count and ``parallel.nproc_per_node``.
 NPROC_ENV = "CPT_NPROC_PER_NODE"
-# Seconds to form the process group and check the world before giving up (default: the shorter of 300 s and
-# ``parallel.timeout_minutes``); the collective timeout is ``parallel.timeout_minutes`` after that.
+# Seconds to form the process group and check the world before giving up (default 300). Every collective after
+# that waits at most ``parallel.timeout_minutes`` (default 30) for its peers.
 INIT_TIMEOUT_ENV = "CPT_INIT_TIMEOUT"
 INIT_TIMEOUT_S = 300.0
 # Multi-node ``cpt run`` under Slurm: the c10d rendezvous port on the first node and how long every node
@@ -306,10 +306,81 @@ def describe_world(records: list[dict[str, Any]], backend: str, launcher: str) -
     return "\n".join(lines)
 
 
-def _init_timeout(timeout_minutes: float, env: dict[str, str]) -> float:
-    if env.get(INIT_TIMEOUT_ENV):
-        return float(env[INIT_TIMEOUT_ENV])
-    return min(INIT_TIMEOUT_S, timeout_minutes * 60)
+def _init_timeout(env: dict[str, str]) -> float:
+    value = env.get(INIT_TIMEOUT_ENV, "").strip()
+    if not value:
+        return INIT_TIMEOUT_S
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = 0.0
+    if seconds <= 0:
+        raise LaunchError(f"{INIT_TIMEOUT_ENV}={value!r}: expected a positive number of seconds")
+    return seconds
+
+
+def set_collective_timeout(minutes: float) -> None:
+    """How long every collective waits for its peers from now on: the world's, and that of every group created
+    later (DeepSpeed's and FSDP's own groups would otherwise get torch's default of 30 or 10 minutes)."""
+    timeout = datetime.timedelta(minutes=minutes)
+    c10d = dist.distributed_c10d
+    c10d._set_pg_timeout(timeout)
+    c10d.default_pg_timeout = timeout
+    if isinstance(getattr(c10d, "default_pg_nccl_timeout", None), datetime.timedelta):
+        c10d.default_pg_nccl_timeout = timeout
+
+
+_C10D_FILE = os.path.join("torch", "distributed", "distributed_c10d.py")
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+_PEER_TROUBLE = r"time[sd]? ?out|connection|closed|reset by peer|broken pipe|/gloo/|nccl"
+
+
+def describe_collective_failure(error: BaseException, timeout_minutes: float) -> str | None:
+    """A message for a collective that failed because a peer stopped answering (it hangs, was stopped or died):
+    which collective, called from where, and why. None when ``error`` did not come from a collective."""
+    import traceback
+
+    text = str(error)
+    if not isinstance(error, RuntimeError) or not (
+        isinstance(error, dist.DistError) or re.search(_PEER_TROUBLE, text, re.IGNORECASE)
+    ):
+        return None
+    frames = traceback.extract_tb(error.__traceback__)
+    # The outermost torch.distributed call is the collective the caller asked for (broadcast_object_list, not the
+    # broadcast inside it).
+    at = next((i for i, f in enumerate(frames) if f.filename.endswith(_C10D_FILE)), None)
+    if at is None and not isinstance(error, dist.DistError) and "/gloo/" not in text:
+        return None
+    what = f"collective {frames[at].name}" if at is not None else "a collective"
+    callers = frames[:at]
+    ours = next((f for f in reversed(callers) if f.filename.startswith(_PACKAGE_DIR + os.sep)), None)
+    library = next((f for f in reversed(callers) if f"{os.sep}site-packages{os.sep}" in f.filename
+                    and f"{os.sep}torch{os.sep}" not in f.filename), None)  # fmt: skip
+    if ours is not None:
+        what += f" in {_short(ours.filename)}:{ours.lineno} ({ours.name})"
+    if library is not None and (ours is None or callers.index(library) > callers.index(ours)):
+        what += f", via {_short(library.filename)}:{library.lineno} ({library.name})"
+    detail = next((line.strip() for line in text.splitlines() if line.strip()), type(error).__name__)
+    detail = re.sub(r"^\[[^\]]*:\d+\]\s*", "", detail)  # the C++ source position gloo puts first
+    setting = f"parallel.timeout_minutes={timeout_minutes:g}"
+    if re.search(r"time[sd]? ?out", detail, re.IGNORECASE):
+        why = (
+            f"timed out after {timeout_minutes * 60:g} s ({setting}): a peer rank stopped answering (it hangs, was "
+            "stopped, or died without closing its connections)"
+        )
+    else:
+        why = f"failed: a peer rank went away (it exited or died); collectives wait up to {setting} for peers"
+    return f"{what} {why}: {detail}"
+
+
+def _short(filename: str) -> str:
+    """A source path from its package directory on: ``launcher/loop.py``, ``deepspeed/runtime/engine.py``."""
+    parts = filename.split(os.sep)
+    if filename.startswith(_PACKAGE_DIR + os.sep):
+        return os.path.relpath(filename, os.path.dirname(_PACKAGE_DIR))
+    if "site-packages" in parts:
+        return os.sep.join(parts[len(parts) - parts[::-1].index("site-packages") :])
+    return filename
 
 
 _applied: list[str | None] = []  # what apply_launcher_env found, once per process
@@ -336,7 +407,10 @@ def apply_launcher_env() -> str | None:
 
 def init_distributed(timeout_minutes: float) -> DistInfo:
     """Create the process group from the launcher's environment (a world of one when there is none), then check
-    that every rank agrees on the layout. Raises LaunchError, naming what differs, instead of hanging."""
+    that every rank agrees on the layout. Raises LaunchError, naming what differs, instead of hanging.
+
+    Forming the group and the check wait at most ``CPT_INIT_TIMEOUT`` seconds (default 300) for every rank to
+    arrive; after that every collective waits at most ``timeout_minutes`` for its peers."""
     launcher = apply_launcher_env()
     env = dict(os.environ)
     rank = int(env["RANK"])
@@ -384,7 +458,7 @@ def init_distributed(timeout_minutes: float) -> DistInfo:
     }
     records: list[Any] = [record]
     if not dist.is_initialized():
-        init_s = _init_timeout(timeout_minutes, env)
+        init_s = _init_timeout(env)
         where = f"{master}:{env.get('MASTER_PORT')}"
         try:
             dist.init_process_group(
@@ -415,7 +489,7 @@ def init_distributed(timeout_minutes: float) -> DistInfo:
             )
         if rank == 0:
             log.info("%s", describe_world(records, backend, name))
-        dist.distributed_c10d._set_pg_timeout(datetime.timedelta(minutes=timeout_minutes))
+        set_collective_timeout(timeout_minutes)
     local_world = int(said) if said else sum(r["node"] == record["node"] for r in records)
     if device.type == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))

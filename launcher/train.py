@@ -25,11 +25,14 @@ from .launch import (
     DistInfo,
     LaunchError,
     apply_launcher_env,
+    describe_collective_failure,
     init_distributed,
     teardown,
     use_cpu_accelerator_if_no_gpu,
 )
 from .preemption import PREEMPTED_EXIT_CODE
+
+FAILED_EXIT_CODE = 1
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -53,6 +56,19 @@ def setup_logging(rank: int) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def failure_message(error: BaseException, timeout_minutes: float) -> str | None:
+    """What to tell the user, without a traceback, about an error that ended training: bad data (file and line),
+    a checkpoint the storage refused (file and OS error), a collective whose peer stopped answering (which
+    collective, and the timeout). None for anything else, whose traceback is more use."""
+    from .checkpoint import CheckpointError
+    from .data import DataError
+    from .loop import TrainingStopped
+
+    if isinstance(error, (DataError, CheckpointError, TrainingStopped)):
+        return str(error)
+    return describe_collective_failure(error, timeout_minutes)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     apply_launcher_env()  # srun sets only its own variables: map them before anything reads RANK or WORLD_SIZE
@@ -74,8 +90,16 @@ def main(argv: list[str] | None = None) -> int:
 
     # On failure no barrier: the peers may be inside another collective, and waiting for them would turn one
     # rank's error into a hang. Exiting lets the launcher stop the others.
-    trainer = Trainer(recipe, info)
-    trainer.fit()
+    try:
+        trainer = Trainer(recipe, info)
+        trainer.fit()
+    except Exception as e:
+        message = failure_message(e, recipe.parallel.timeout_minutes)
+        if message is None:
+            raise
+        sys.stderr.write(f"error: rank {info.rank}: {message}\n")  # one write: ranks share the terminal
+        sys.stderr.flush()
+        return FAILED_EXIT_CODE
     if trainer.preempted and info.is_main and os.environ.get(EXIT_STATUS_ENV):
         # Before teardown, so the launcher that reads it never sees the workers gone and the file not yet there.
         Path(os.environ[EXIT_STATUS_ENV]).write_text(str(PREEMPTED_EXIT_CODE))

@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import pwd
+import re
+import shutil
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import cpt, read_metrics, tiny_recipe, write_recipe
+from conftest import run as run_command
 
 from launcher.callbacks import (
     CallbackList,
@@ -323,3 +329,96 @@ def test_secret_helpers():
         "s3_secret=***",
         "https://***@host/x",
     ]
+
+
+# ------------------------------------------------------------------------------------- a real run
+
+
+ENV_SECRET = "secret-env-" + "0123456789abcdef" * 2  # as long as a W&B API key
+RECIPE_SECRET = "secret-recipe-fedcba9876543210"
+
+
+@pytest.fixture(scope="module")
+def secret_run(assets, tmp_path_factory) -> tuple[Path, str]:
+    """Two ranks with ``WANDB_API_KEY`` in the environment and an API key in the recipe (DeepSpeed's comet
+    section), logging to W&B offline, checkpointing every step; (output_dir, everything the run printed)."""
+    root = tmp_path_factory.mktemp("secrets")
+    home = root / "home"
+    home.mkdir()
+    out = root / "run"
+    recipe = write_recipe(root / "r.yaml", tiny_recipe(
+        assets, out, train={"max_steps": 2, "save_every": 1, "log_every": 1},
+        eval={"sets": {"code": {"path": str(assets["code_eval"])}}, "max_blocks": 4},
+        parallel={"engine": "deepspeed", "config": "zero3.json", "nproc_per_node": 2,
+                  "deepspeed": {"comet": {"enabled": False, "api_key": RECIPE_SECRET}}},
+        logging={"wandb": "offline", "progress": True}))  # fmt: skip
+    # A HOME of its own keeps W&B away from the user's settings; DeepSpeed's compiled ops stay where they are.
+    extensions = os.environ.get("TORCH_EXTENSIONS_DIR") or str(
+        Path(pwd.getpwuid(os.getuid()).pw_dir) / ".cache" / "torch_extensions"
+    )
+    env = {"WANDB_API_KEY": ENV_SECRET, "WANDB_MODE": "offline", "HOME": str(home), "WANDB_SILENT": "true",
+           "WANDB_X_DISABLE_STATS": "true", "TORCH_EXTENSIONS_DIR": extensions}  # fmt: skip
+    for var in ("WANDB_DIR", "WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
+        env[var] = str(home / var.lower())
+    p = cpt("run", str(recipe), **env)
+    return out, p.stdout + p.stderr
+
+
+def leaks(files: list[Path]) -> list[str]:
+    secrets = (ENV_SECRET, RECIPE_SECRET)
+    return [f"{secret} in {f}" for f in files for secret in secrets if secret.encode() in f.read_bytes()]
+
+
+def test_no_secret_reaches_the_log_or_any_file_of_a_real_run(secret_run):
+    out, log = secret_run
+    assert ENV_SECRET not in log and RECIPE_SECRET not in log
+    files = [p for p in out.rglob("*") if p.is_file()]
+    names = {p.name for p in files}
+    assert {"resolved_recipe.yaml", "README.md", "metrics.jsonl", "manifest.json", "wandb_run_id"} <= names
+    assert any(p.suffix == ".wandb" for p in files) and any(p.name.endswith("_states.pt") for p in files)
+    assert not leaks(files)
+    # Masked, not dropped: the reader sees that a key was set.
+    for recipe in [out / "resolved_recipe.yaml", *(out / "checkpoints").glob("step-*/resolved_recipe.yaml")]:
+        assert re.search(r"api_key: .\*\*\*.$", recipe.read_text(), re.MULTILINE), recipe
+
+
+def remote_code_model(assets, root: Path, marker: Path) -> Path:
+    """The tiny base model with its classes shipped as Python next to the weights, as hub models with their own
+    architecture are; importing that code creates ``marker``."""
+    model = root / "remote-code-model"
+    shutil.copytree(assets["base"], model)
+    (model / "custom_llama.py").write_text(
+        "from pathlib import Path\n\n"
+        "from transformers import LlamaConfig, LlamaForCausalLM\n\n"
+        f"Path({str(marker)!r}).touch()\n\n\n"
+        "class CustomLlamaConfig(LlamaConfig):\n"
+        "    pass\n\n\n"
+        "class CustomLlamaForCausalLM(LlamaForCausalLM):\n"
+        "    config_class = CustomLlamaConfig\n"
+    )
+    config = json.loads((model / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "custom_llama.CustomLlamaConfig",
+                          "AutoModelForCausalLM": "custom_llama.CustomLlamaForCausalLM"}  # fmt: skip
+    (model / "config.json").write_text(json.dumps(config))
+    return model
+
+
+@pytest.mark.parametrize("trust", [False, True])
+def test_model_code_runs_only_with_trust_remote_code_and_then_the_log_says_so(assets, tmp_path, trust):
+    marker = tmp_path / "remote-code-ran"
+    model = remote_code_model(assets, tmp_path, marker)
+    out = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(
+        assets, out, model={"name_or_path": str(model), "trust_remote_code": trust},
+        train={"max_steps": 1, "save_every": 0, "export_final": False}, eval={"sets": {}},
+        parallel={"engine": "fsdp", "config": "fsdp.yaml", "nproc_per_node": 1}))  # fmt: skip
+    p = run_command(
+        [sys.executable, "-m", "launcher.train", str(recipe)], HF_MODULES_CACHE=str(tmp_path / "hf-modules")
+    )
+    log = p.stdout + p.stderr
+    assert read_metrics(out)[-1]["step"] == 1
+    assert marker.exists() == trust
+    assert ("model.trust_remote_code is on" in log) == trust, log[-3000:]
+    if trust:
+        for what in ("model config", "tokenizer", "model"):
+            assert f"Python code that comes with the {what} at {model} may run" in log

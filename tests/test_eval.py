@@ -1,4 +1,5 @@
-"""Distributed perplexity equals a single-process reference computed independently, for uneven shards too."""
+"""Distributed perplexity equals a single-process reference computed independently, for uneven shards too, and
+when some ranks have no eval data at all."""
 
 from __future__ import annotations
 
@@ -67,5 +68,26 @@ def test_distributed_perplexity_equals_single_process_reference(assets, uneven_f
     got = json.loads(p.stdout.strip().splitlines()[-1])
     assert got["tokens"] == ref["tokens"]
     # Same blocks and weights; batched vs one-at-a-time matrix products differ in the last float32 bits.
+    assert got["loss"] == pytest.approx(ref["loss"], rel=1e-5)
+    assert got["perplexity"] == pytest.approx(ref["perplexity"], rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def one_block_file(assets, tmp_path_factory):
+    """One short document: a single block, so every rank but rank 0 has nothing to evaluate."""
+    text = json.loads(assets["prose_eval"].read_text().splitlines()[0])["text"][:120]
+    path = tmp_path_factory.mktemp("eval") / "one-block.jsonl"
+    path.write_text(json.dumps({"text": text}) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("engine, nproc", [("deepspeed", 2), ("fsdp", 3)])
+def test_ranks_without_eval_data_neither_hang_nor_change_the_perplexity(assets, one_block_file, engine, nproc):
+    ref = reference(assets["base"], one_block_file, SEQ)
+    assert ref["blocks"] == 1 and 1 < ref["last"] < SEQ
+    p = cpt("eval", str(assets["base"]), str(one_block_file), "--seq-len", str(SEQ), "--nproc", str(nproc),
+            "--engine", engine, "--batch-size", "2", timeout=300)  # fmt: skip
+    got = json.loads(p.stdout.strip().splitlines()[-1])
+    assert got["tokens"] == ref["tokens"]
     assert got["loss"] == pytest.approx(ref["loss"], rel=1e-5)
     assert got["perplexity"] == pytest.approx(ref["perplexity"], rel=1e-5)

@@ -1,15 +1,92 @@
-"""Faults: a dead rank ends the whole job quickly and names itself; nothing is left running; checkpoints survive."""
+"""Faults: a dead or hung rank ends the whole job and names itself; nothing is left running; a checkpoint the
+storage refuses commits nothing and the rerun resumes from the previous one; bad data is named by file and line;
+a preemption signal to every process of the job (DataLoader workers too) still checkpoints."""
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import resource
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import psutil
-from conftest import REPO, read_metrics, tiny_recipe, worker_env, write_recipe
-from test_preemption import wait_for_step, workers
+import pytest
+from conftest import REPO, cpt, read_metrics, tiny_recipe, worker_env, write_recipe
+from test_preemption import PREEMPTED, wait_for_step
+
+ENGINES = [("deepspeed", "zero3.json"), ("fsdp", "fsdp.yaml")]
+
+
+def start(recipe: Path, **env: str) -> subprocess.Popen:
+    """``cpt run`` in its own session, so that a test can signal it and everything under it."""
+    return subprocess.Popen([sys.executable, "-m", "launcher", "run", str(recipe)], cwd=REPO,
+                            env=worker_env(**env), start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+
+
+def ranks(proc: subprocess.Popen) -> list[psutil.Process]:
+    """The training processes (not torchrun, whose command line names the module too), in rank order."""
+    found = []
+    for p in psutil.Process(proc.pid).children(recursive=True):
+        try:
+            if "launcher.train" in " ".join(p.cmdline()) and "RANK" in p.environ():
+                found.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return sorted(found, key=lambda p: int(p.environ()["RANK"]))
+
+
+def family(proc: subprocess.Popen) -> list[psutil.Process]:
+    return [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+
+
+def left_running(processes: list[psutil.Process]) -> list[str]:
+    alive = []
+    for p in processes:
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                alive.append(" ".join(p.cmdline()))
+        except psutil.NoSuchProcess:
+            pass
+    return alive
+
+
+def finish(proc: subprocess.Popen, processes: list[psutil.Process], timeout: float) -> str:
+    """The job's output once it has ended by itself; on a timeout, everything is killed and the test fails."""
+    try:
+        return proc.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        for p in processes:
+            try:
+                p.send_signal(signal.SIGCONT)
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        pytest.fail(f"the job did not end within {timeout:.0f} s:\n{proc.communicate()[0][-5000:]}")
+
+
+def wait_until(condition: Callable[[], bool], proc: subprocess.Popen, timeout: float = 240) -> None:
+    end = time.time() + timeout
+    while not condition():
+        if proc.poll() is not None:
+            pytest.fail(f"run ended early ({proc.returncode}):\n{proc.stdout.read()[-5000:]}")
+        if time.time() > end:
+            pytest.fail("the run did not get there in time")
+        time.sleep(0.05)
+
+
+def committed_steps(out: Path) -> list[int]:
+    return sorted(int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("step-*") if p.name[5:].isdigit())
+
+
+def logged_steps(out: Path) -> list[int]:
+    return [m["step"] for m in read_metrics(out) if "loss" in m]
 
 
 def test_a_rank_killed_mid_step_ends_the_job_within_60_s(assets, tmp_path):
@@ -20,8 +97,8 @@ def test_a_rank_killed_mid_step_ends_the_job_within_60_s(assets, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "launcher", "run", str(recipe)], cwd=REPO, env=worker_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
     wait_for_step(out, 3, proc)
-    family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-    victim = workers(proc)[1]
+    processes = family(proc)
+    victim = ranks(proc)[1]
     killed_at = time.time()
     victim.send_signal(signal.SIGKILL)
     log = proc.communicate(timeout=120)[0]
@@ -30,8 +107,7 @@ def test_a_rank_killed_mid_step_ends_the_job_within_60_s(assets, tmp_path):
     assert elapsed < 60, f"the job took {elapsed:.0f} s to end"
     assert "rank 1" in log or "local_rank: 1" in log, log[-3000:]
     time.sleep(1)
-    alive = [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-    assert not alive, f"left behind: {[p.cmdline() for p in alive]}"
+    assert not left_running(processes), f"left behind: {left_running(processes)}"
     committed = sorted((out / "checkpoints").glob("step-*[0-9]"))
     assert committed, "no checkpoint survived"
     last = committed[-1]
@@ -55,3 +131,115 @@ def test_a_stopped_rank_stuck_in_a_collective_exits_by_itself(tmp_path):
     assert p.returncode == 1
     assert time.time() - start < 15
     assert "a peer has probably died" in p.stderr
+
+
+@pytest.mark.parametrize("engine, config", ENGINES)
+def test_a_checkpoint_the_storage_refuses_commits_nothing_and_the_rerun_resumes(assets, tmp_path, engine, config):
+    """Mid-run, every rank may no longer write a file past 256 KiB (RLIMIT_FSIZE: EFBIG, even for root), as when
+    a disk or quota fills up: the next save fails half-way through its shards."""
+    out = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(
+        assets, out, train={"max_steps": 30, "save_every": 2, "log_every": 1, "schedule": "constant"},
+        eval={"sets": {}}, parallel={"engine": engine, "config": config, "nproc_per_node": 2}))  # fmt: skip
+    proc = start(recipe)
+    wait_until(lambda: (out / "checkpoints" / "step-2" / "trainer_state.json").is_file(), proc)
+    for rank in ranks(proc):
+        resource.prlimit(rank.pid, resource.RLIMIT_FSIZE, (256 << 10, resource.RLIM_INFINITY))
+    log = finish(proc, family(proc), timeout=240)
+    assert proc.returncode not in (0, PREEMPTED), log[-5000:]
+    found = re.search(r"^error: rank \d: could not write checkpoint (\S+)/step-(\d+)\.tmp: \[Errno 27\] File too large",
+                      log, re.MULTILINE)  # fmt: skip
+    assert found, log[-5000:]
+    assert Path(found.group(1)) == out / "checkpoints"
+    failed = int(found.group(2))
+    kept = committed_steps(out)
+    assert kept and kept[-1] < failed, (kept, failed)
+    assert not (out / "checkpoints" / f"step-{failed}").exists(), "a half-written checkpoint was committed"
+    previous = out / "checkpoints" / f"step-{kept[-1]}"
+    assert f"Nothing was committed: the newest committed checkpoint is still {previous}" in log
+    assert (out / "checkpoints" / "latest").read_text().strip() == previous.name
+    assert not re.search(r"^\[rank\d\]: Traceback", log, re.MULTILINE), "the ranks printed tracebacks"
+
+    p = cpt("run", str(recipe))  # the same command, with room on the disk again
+    assert f"resumed from {previous} at step {kept[-1]}" in p.stderr
+    assert logged_steps(out) == list(range(1, 31)), "a step was run twice or skipped"
+    assert not list((out / "checkpoints").glob("*.tmp")), "the partial checkpoint was not cleaned up"
+    assert json.loads((out / "checkpoints" / "step-30" / "trainer_state.json").read_text())["step"] == 30
+
+
+def test_a_stopped_rank_ends_the_job_after_the_collective_timeout(assets, tmp_path):
+    """Rank 1 is stopped (SIGSTOP) mid-training: it neither answers nor closes its connections, so only the
+    collective timeout (``parallel.timeout_minutes``) can end the job."""
+    out = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(
+        assets, out, train={"max_steps": 100_000, "log_every": 1, "save_every": 0}, eval={"sets": {}},
+        parallel={"engine": "fsdp", "config": "fsdp.yaml", "nproc_per_node": 2, "timeout_minutes": 0.2}))  # fmt: skip
+    proc = start(recipe)
+    wait_for_step(out, 3, proc)
+    processes = family(proc)
+    stopped_at = time.time()
+    ranks(proc)[1].send_signal(signal.SIGSTOP)
+    log = finish(proc, processes, timeout=150)
+    elapsed = time.time() - stopped_at
+    assert proc.returncode not in (0, PREEMPTED), log[-5000:]
+    # 12 s of waiting in the collective, then torchrun gives the stopped rank 30 s to exit before it kills it.
+    assert elapsed < 100, f"the job took {elapsed:.0f} s to end"
+    timed_out = (r"^error: rank 0: collective \w+ in launcher/\S+ \(\w+\).* timed out after 12 s "
+                 r"\(parallel\.timeout_minutes=0\.2\): a peer rank stopped answering")  # fmt: skip
+    assert re.search(timed_out, log, re.MULTILINE), log[-5000:]
+    time.sleep(1)
+    assert not left_running(processes), f"left behind: {left_running(processes)}"
+
+
+def bad_sources(assets, root: Path, bad_line: str) -> Path:
+    """Two files, one per rank's DataLoader worker; line 5 of the second is bad. Opening the sources reads only
+    the first record of the first file, so only the worker that reads the second file meets it."""
+    docs = assets["code_train"].read_text().splitlines()
+    root.mkdir()
+    (root / "a.jsonl").write_text("\n".join(docs[:12]) + "\n")
+    (root / "b.jsonl").write_text("\n".join([*docs[12:16], bad_line, *docs[16:]]) + "\n")
+    return root
+
+
+@pytest.mark.parametrize("bad_line, problem", [('{"text": "def f(:", oops', "malformed JSON"),
+                                               ('{"content": "no text field"}', "no field 'text'")])  # fmt: skip
+def test_bad_data_read_by_a_dataloader_worker_is_named_by_file_and_line(assets, tmp_path, bad_line, problem):
+    data = bad_sources(assets, tmp_path / "data", bad_line)
+    out = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(
+        assets, out, data={"train": [{"path": str(data / "*.jsonl")}], "num_workers": 1}, eval={"sets": {}},
+        train={"max_steps": 20, "save_every": 0},
+        parallel={"engine": "fsdp", "config": "fsdp.yaml", "nproc_per_node": 2}))  # fmt: skip
+    p = subprocess.run([sys.executable, "-m", "launcher", "run", str(recipe)], cwd=REPO, env=worker_env(),
+                       capture_output=True, text=True, timeout=300)  # fmt: skip
+    log = p.stdout + p.stderr
+    assert p.returncode not in (0, PREEMPTED), log[-5000:]
+    assert f"error: rank 1: {data / '*.jsonl'}: {data / 'b.jsonl'}, line 5: {problem}" in log, log[-5000:]
+    assert not re.search(r"^\[rank\d\]: Traceback", log, re.MULTILINE), "the ranks printed tracebacks"
+    assert "DataLoader worker" not in log
+
+
+def test_preemption_signal_to_every_process_of_the_job_with_dataloader_workers(assets, tmp_path):
+    """Slurm signals every process of a job: cpt, torchrun, the ranks and their DataLoader workers. The workers
+    ignore it and the ranks checkpoint."""
+    out = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(
+        assets, out, data={"num_workers": 1}, train={"max_steps": 60, "log_every": 1, "schedule": "constant"},
+        eval={"sets": {}}, parallel={"engine": "fsdp", "config": "fsdp.yaml", "nproc_per_node": 2}))  # fmt: skip
+    proc = start(recipe)
+    wait_for_step(out, 3, proc)
+    processes = family(proc)
+    loaders = [c for r in ranks(proc) for c in r.children()]
+    assert len(loaders) == 2, "each rank should have one DataLoader worker"
+    groups = {os.getpgid(p.pid) for p in processes}
+    assert {os.getpgid(p.pid) for p in loaders} <= groups
+    for group in groups:
+        os.killpg(group, signal.SIGTERM)
+    log = finish(proc, processes, timeout=240)
+    assert proc.returncode == PREEMPTED, log[-5000:]
+    assert "preempted by SIGTERM: checkpoint at step" in log
+    stopped = logged_steps(out)[-1]
+    assert 3 <= stopped < 60
+    assert json.loads((out / "checkpoints" / f"step-{stopped}" / "trainer_state.json").read_text())["step"] == stopped
+    time.sleep(1)
+    assert not left_running(processes), f"left behind: {left_running(processes)}"
