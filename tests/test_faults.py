@@ -18,7 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 from conftest import REPO, cpt, read_metrics, tiny_recipe, worker_env, write_recipe
-from test_preemption import PREEMPTED, wait_for_step
+from test_preemption import PREEMPTED, wait_for_step, workers
 
 ENGINES = [("deepspeed", "zero3.json"), ("fsdp", "fsdp.yaml")]
 
@@ -28,18 +28,6 @@ def start(recipe: Path, **env: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "launcher", "run", str(recipe)], cwd=REPO,
                             env=worker_env(**env), start_new_session=True, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)  # fmt: skip
-
-
-def ranks(proc: subprocess.Popen) -> list[psutil.Process]:
-    """The training processes (not torchrun, whose command line names the module too), in rank order."""
-    found = []
-    for p in psutil.Process(proc.pid).children(recursive=True):
-        try:
-            if "launcher.train" in " ".join(p.cmdline()) and "RANK" in p.environ():
-                found.append(p)
-        except psutil.NoSuchProcess:
-            pass
-    return sorted(found, key=lambda p: int(p.environ()["RANK"]))
 
 
 def family(proc: subprocess.Popen) -> list[psutil.Process]:
@@ -98,7 +86,7 @@ def test_a_rank_killed_mid_step_ends_the_job_within_60_s(assets, tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
     wait_for_step(out, 3, proc)
     processes = family(proc)
-    victim = ranks(proc)[1]
+    victim = workers(proc)[1]
     killed_at = time.time()
     victim.send_signal(signal.SIGKILL)
     log = proc.communicate(timeout=120)[0]
@@ -143,7 +131,7 @@ def test_a_checkpoint_the_storage_refuses_commits_nothing_and_the_rerun_resumes(
         eval={"sets": {}}, parallel={"engine": engine, "config": config, "nproc_per_node": 2}))  # fmt: skip
     proc = start(recipe)
     wait_until(lambda: (out / "checkpoints" / "step-2" / "trainer_state.json").is_file(), proc)
-    for rank in ranks(proc):
+    for rank in workers(proc):
         resource.prlimit(rank.pid, resource.RLIMIT_FSIZE, (256 << 10, resource.RLIM_INFINITY))
     log = finish(proc, family(proc), timeout=240)
     assert proc.returncode not in (0, PREEMPTED), log[-5000:]
@@ -178,7 +166,7 @@ def test_a_stopped_rank_ends_the_job_after_the_collective_timeout(assets, tmp_pa
     wait_for_step(out, 3, proc)
     processes = family(proc)
     stopped_at = time.time()
-    ranks(proc)[1].send_signal(signal.SIGSTOP)
+    workers(proc)[1].send_signal(signal.SIGSTOP)
     log = finish(proc, processes, timeout=150)
     elapsed = time.time() - stopped_at
     assert proc.returncode not in (0, PREEMPTED), log[-5000:]
@@ -229,7 +217,7 @@ def test_preemption_signal_to_every_process_of_the_job_with_dataloader_workers(a
     proc = start(recipe)
     wait_for_step(out, 3, proc)
     processes = family(proc)
-    loaders = [c for r in ranks(proc) for c in r.children()]
+    loaders = [c for r in workers(proc) for c in r.children()]
     assert len(loaders) == 2, "each rank should have one DataLoader worker"
     groups = {os.getpgid(p.pid) for p in processes}
     assert {os.getpgid(p.pid) for p in loaders} <= groups

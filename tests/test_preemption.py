@@ -34,9 +34,16 @@ def wait_for_step(out: Path, step: int, proc: subprocess.Popen, timeout: float =
 
 
 def workers(proc: subprocess.Popen) -> list[psutil.Process]:
-    """The training processes under cpt -> torchrun, in rank order."""
-    found = [p for p in psutil.Process(proc.pid).children(recursive=True) if "launcher.train" in " ".join(p.cmdline())]
-    return sorted(found, key=lambda p: int(p.environ().get("RANK", "0")))
+    """The training processes under cpt -> torchrun, in rank order (not torchrun, whose command line names the
+    module too)."""
+    found = []
+    for p in psutil.Process(proc.pid).children(recursive=True):
+        try:
+            if "launcher.train" in " ".join(p.cmdline()) and "RANK" in p.environ():
+                found.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return sorted(found, key=lambda p: int(p.environ()["RANK"]))
 
 
 @pytest.mark.parametrize("engine, config, how", [("deepspeed", "zero3.json", "SIGTERM to cpt"),
