@@ -63,9 +63,16 @@ def uneven_file(assets, tmp_path_factory):
 def test_distributed_perplexity_equals_single_process_reference(assets, uneven_file, engine, nproc):
     ref = reference(assets["base"], uneven_file, SEQ)
     assert ref["blocks"] == 8 and 1 < ref["last"] < SEQ
-    p = cpt("eval", str(assets["base"]), str(uneven_file), "--seq-len", str(SEQ), "--nproc", str(nproc),
-            "--engine", engine, "--batch-size", "2")  # fmt: skip
-    got = json.loads(p.stdout.strip().splitlines()[-1])
+    assert_matches(ref, cpt_eval(assets, uneven_file, engine, nproc))
+
+
+def cpt_eval(assets, data, engine: str, nproc: int) -> dict:
+    p = cpt("eval", str(assets["base"]), str(data), "--seq-len", str(SEQ), "--nproc", str(nproc),
+            "--engine", engine, "--batch-size", "2", timeout=300)  # fmt: skip
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def assert_matches(ref: dict, got: dict) -> None:
     assert got["tokens"] == ref["tokens"]
     # Same blocks and weights; batched vs one-at-a-time matrix products differ in the last float32 bits.
     assert got["loss"] == pytest.approx(ref["loss"], rel=1e-5)
@@ -85,9 +92,4 @@ def one_block_file(assets, tmp_path_factory):
 def test_ranks_without_eval_data_neither_hang_nor_change_the_perplexity(assets, one_block_file, engine, nproc):
     ref = reference(assets["base"], one_block_file, SEQ)
     assert ref["blocks"] == 1 and 1 < ref["last"] < SEQ
-    p = cpt("eval", str(assets["base"]), str(one_block_file), "--seq-len", str(SEQ), "--nproc", str(nproc),
-            "--engine", engine, "--batch-size", "2", timeout=300)  # fmt: skip
-    got = json.loads(p.stdout.strip().splitlines()[-1])
-    assert got["tokens"] == ref["tokens"]
-    assert got["loss"] == pytest.approx(ref["loss"], rel=1e-5)
-    assert got["perplexity"] == pytest.approx(ref["perplexity"], rel=1e-5)
+    assert_matches(ref, cpt_eval(assets, one_block_file, engine, nproc))
