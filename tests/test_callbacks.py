@@ -320,7 +320,8 @@ def test_no_secret_reaches_any_file(tmp_path, monkeypatch):
 
 def test_secret_helpers():
     assert is_secret_key("api_key") and is_secret_key("HF_TOKEN") and is_secret_key("clientSecret")
-    assert not any(map(is_secret_key, ["tokenizer", "tokens_seen", "keep_last", "max_tokens", "monkey"]))
+    plain = ["tokenizer", "tokens_seen", "keep_last", "max_tokens", "monkey", "token_budget", "num_key_value_heads"]
+    assert not any(map(is_secret_key, plain))
     assert scrub({"a": {"password": 1, "b": [{"token": 2, "c": 3}]}}) == {"a": {"b": [{"c": 3}]}}
     assert redact_args(["--hf-token", "x", "lr=1", "s3_secret=y", "https://u:p@host/x"]) == [
         "--hf-token",

@@ -85,16 +85,18 @@ def run_name(recipe: Recipe) -> str:
     return recipe.logging.run_name or Path(recipe.output_dir).resolve().name
 
 
-_SECRET_WORDS = {"key", "apikey", "token", "secret", "password", "passwd", "pwd", "credential", "credentials"}
+_SECRET_WORDS = {"apikey", "secret", "password", "passwd", "pwd", "credential", "credentials"}
+_SECRET_LAST_WORDS = {"key", "token"}
 
 
 def is_secret_key(key: str) -> bool:
     """True for names like ``api_key``, ``HF_TOKEN``, ``clientSecret``, ``db.password``.
 
-    Whole words only, so ``tokenizer``, ``tokens_seen`` and ``keep_last`` are not secrets.
+    Whole words only, and ``key`` / ``token`` only as the last word, so ``tokenizer``, ``tokens_seen``,
+    ``token_budget``, ``keep_last`` and ``num_key_value_heads`` are not secrets.
     """
-    words = re.split(r"[^A-Za-z0-9]+|(?<=[a-z0-9])(?=[A-Z])", str(key))
-    return any(w.lower() in _SECRET_WORDS for w in words)
+    words = [w.lower() for w in re.split(r"[^A-Za-z0-9]+|(?<=[a-z0-9])(?=[A-Z])", str(key)) if w]
+    return any(w in _SECRET_WORDS for w in words) or (bool(words) and words[-1] in _SECRET_LAST_WORDS)
 
 
 def scrub(value: Any) -> Any:
