@@ -50,23 +50,15 @@ def submit(cluster: SlurmCluster, out: Path, args: list[str], **env: str) -> str
     return p.stdout.strip().split(";")[0]
 
 
-def wait_for_job(cluster: SlurmCluster, job: str, log: Path, timeout: float = 240) -> dict[str, str]:
+def wait_for_job(cluster: SlurmCluster, job: str, log: Path, timeout: float = 420) -> dict[str, str]:
     """Poll until the job ends (sbatch --wait backs off to ~30 s between polls). A requeued job waits ~2 min
-    (Slurm's BeginTime after a requeue, for node clean-up); that wait is skipped here, the requeue is not."""
+    (Slurm's BeginTime after a requeue) and that wait is kept: slurmd refuses, for a while, to start a job id it
+    has just killed ("Job N already killed, do not launch batch job"), so an earlier start fails at launch."""
     end = time.time() + timeout
     while time.time() < end:
         j = cluster.job(job)
         if j["JobState"] in FINISHED:
             return j
-        # only once the first run has fully left the nodes: a restart that starts while its batch script is still
-        # exiting (it is the one that called `scontrol requeue`) fails at launch with exit code 1
-        if (
-            j["JobState"] == "PENDING"
-            and j.get("Reason") == "BeginTime"
-            and cluster.nodes_idle()
-            and not cluster.step_processes()
-        ):
-            cluster.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=False)
         time.sleep(0.5)
     cluster.run(["scancel", job], check=False)
     pytest.fail(f"job {job} did not finish in {timeout:.0f} s\n{text(log)[-6000:]}\n{cluster.logs()}")
