@@ -128,13 +128,15 @@ def mfu(tokens_per_s_per_device: float, flops_per_tok: float, peak: float | None
 
 
 def memory_stats(device: torch.device | str) -> dict[str, float]:
-    """Peak allocated and reserved GPU memory (GiB) since start, or the process RSS on CPU."""
+    """Peak allocated and reserved GPU memory (GiB) since start and what is allocated now (between steps: the
+    model states), or the process RSS on CPU."""
     device = torch.device(device)
     gib = float(2**30)
     if device.type == "cuda" and torch.cuda.is_available():
         return {
             "mem_peak_gib": torch.cuda.max_memory_allocated(device) / gib,
             "mem_reserved_gib": torch.cuda.max_memory_reserved(device) / gib,
+            "mem_allocated_gib": torch.cuda.memory_allocated(device) / gib,
         }
     try:
         import psutil

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,8 @@ from ..config import BatchLayout, Recipe
 from ..launch import DistInfo
 from ..model import apply_training_options, build_model, decoder_layer_classes
 from .base import Batch, Engine, forward_loss, lr_lambda
+
+log = logging.getLogger(__name__)
 
 
 def fill_auto(recipe: Recipe, layout: BatchLayout, hidden_size: int, dtype: torch.dtype, cuda: bool) -> dict[str, Any]:
@@ -82,8 +85,13 @@ class DeepSpeedEngine(Engine):
         # DeepCompile ("compile": {"deepcompile": true} in the DeepSpeed config) compiles the whole model with
         # ZeRO's gathers scheduled inside the graph; otherwise train.compile compiles each decoder layer.
         deepcompile = bool((self.ds_config.get("compile") or {}).get("deepcompile"))
+        if deepcompile and info.device.type != "cuda":
+            # DeepCompile's operators are CUDA code: the same recipe runs without it (per-layer compile) on CPU.
+            log.info("DeepSpeed compile.deepcompile needs a GPU: off on %s", info.device.type)
+            self.ds_config["compile"]["deepcompile"] = deepcompile = False
         self.fused_loss = bool(apply_training_options(model, recipe, compile_layers=not deepcompile)["fused_loss"])
-        if self.stage == 3 and recipe.parallel.zero3_layer_gather:
+        # DeepCompile schedules ZeRO-3's gathers inside the compiled graph itself; leaf modules are for the hooks.
+        if self.stage == 3 and recipe.parallel.zero3_layer_gather and not deepcompile:
             set_z3_leaf_modules(model, list(decoder_layer_classes(model)))
         self.ds, _, _, _ = deepspeed.initialize(
             model=model,
