@@ -208,7 +208,7 @@ def baseline(assets: dict[str, Path], out: Path, steps: int, timeout: float, env
     gpus, mb = RUNS["baseline"].gpus, RUNS["baseline"].micro_batch
     result = out / "baseline.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}",
-           str(REPO / "benchmarks" / "hf_trainer_baseline.py"), "--model", str(assets["model"]), "--data",
+           str(REPO / "benchmarks" / "hf_trainer_baseline.py"), "--model", str(assets["llama-1b"]), "--data",
            str(assets["data"]), "--micro-batch", str(mb), "--global-batch", str(BASELINE_GLOBAL_BATCH),
            "--steps", str(steps), "--out", str(result)]  # fmt: skip
     rc, wall = run_process(cmd, env, timeout, out / "baseline.log")
