@@ -27,9 +27,10 @@ from typing import Any
 
 from .config import Recipe
 from .engine.loss import chunk_tokens
-from .metrics import _shape, param_count
+from .metrics import _shape, layer_param_count, param_count
 
 GIB = float(2**30)
+REDUCE_BUCKET = 500_000_000  # DeepSpeed's default reduce_bucket_size, what "auto" fills in
 
 
 @dataclass
@@ -82,7 +83,7 @@ def estimate(
     n = param_count(config)
     w = max(1, world_size)
     h, v, layers = s["hidden"], s["vocab"], s["layers"]
-    per_layer_params = (n - v * h * (1 if s["tied"] else 2) - h) / layers
+    per_layer_params = layer_param_count(config)
     root_params = n - per_layer_params * layers
     mb = micro_batch_size or recipe.train.micro_batch_size
     tokens = mb * recipe.data.seq_len
@@ -111,8 +112,9 @@ def estimate(
             live = zero.get("stage3_max_live_parameters", 1e9)
             live = float(live) if isinstance(live, (int, float)) else 1e9
             bucket = zero.get("reduce_bucket_size")
-            bucket = float(bucket) if isinstance(bucket, (int, float)) else h * h
-            parts["gathered params"] = low * min(n, live + per_layer_params) + 2 * low * bucket
+            bucket = float(bucket) if isinstance(bucket, (int, float)) else REDUCE_BUCKET
+            # the gradient bucket stays allocated between steps (+0.92 GiB measured for +496M elements)
+            parts["gathered params"] = low * min(n, live + per_layer_params) + low * bucket
         else:
             params = low * n
         parts["params+grads+adam"] = params + grads + master_and_adam

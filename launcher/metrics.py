@@ -81,6 +81,13 @@ def param_count(model_config: Any) -> int:
     return embed + s["layers"] * per_layer + h + lm_head
 
 
+def layer_param_count(model_config: Any) -> int:
+    """Parameters of one decoder layer (the unit FSDP2 shards and ZeRO-3 gathers at once)."""
+    s = _shape(model_config)
+    outside = s["vocab"] * s["hidden"] * (1 if s["tied"] else 2) + s["hidden"]
+    return (param_count(model_config) - outside) // s["layers"]
+
+
 def flops_per_token(model_config: Any, seq_len: int, *, n_params: int | None = None) -> float:
     """Training FLOPs per token (forward + backward): ``6 * (N - N_embedding) + 12 * L * H * Q * T``.
 

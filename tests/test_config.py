@@ -48,22 +48,27 @@ def test_every_engine_config_loads(path, tmp_path):
 
 def test_deepspeed_auto_values_are_filled_from_the_recipe(tmp_path):
     import torch
+    from transformers import AutoConfig
 
     from launcher.engine.deepspeed import fill_auto
 
     r = load_recipe(RECIPE_DIR / "llama-1b-zero3.yaml", ["train.grad_clip=0.5", "train.lr=2e-4"])
     layout = r.batch_layout(16)
-    ds = fill_auto(r, layout, hidden_size=2048, dtype=torch.bfloat16, cuda=True)
+    config = AutoConfig.from_pretrained(RECIPE_DIR / "models" / "llama-1b.json")
+    ds = fill_auto(r, layout, config, dtype=torch.bfloat16, cuda=True)
     assert ds["train_micro_batch_size_per_gpu"] == 8
     assert ds["gradient_accumulation_steps"] == 512 // (8 * 16) == layout.grad_accum
     assert ds["train_batch_size"] == 512
     assert ds["gradient_clipping"] == 0.5
     assert ds["bf16"]["enabled"] is True
     assert ds["optimizer"]["params"]["lr"] == 2e-4 and ds["optimizer"]["params"]["fused"] is True
-    assert ds["zero_optimization"]["reduce_bucket_size"] == 2048 * 2048
+    assert ds["zero_optimization"]["reduce_bucket_size"] == 500_000_000
+    # q and o, k and v (4 KV heads of 64), MLP, two norms
+    layer = 2 * 2048 * 2048 + 2 * 2048 * 256 + 3 * 2048 * 5632 + 2 * 2048
+    assert ds["zero_optimization"]["stage3_prefetch_bucket_size"] == 2 * layer
     assert "auto" not in json.dumps(ds)
     off = load_recipe(RECIPE_DIR / "llama-1b-zero3.yaml", ["parallel.config=zero3-offload.json"])
-    ds = fill_auto(off, off.batch_layout(8), hidden_size=2048, dtype=torch.float32, cuda=False)
+    ds = fill_auto(off, off.batch_layout(8), config, dtype=torch.float32, cuda=False)
     assert ds["optimizer"]["params"]["torch_adam"] is False  # offloaded states need DeepSpeedCPUAdam
     assert ds["bf16"]["enabled"] is False
 
