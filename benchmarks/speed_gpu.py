@@ -140,6 +140,23 @@ def launch_nodes(run: Run, overrides: list[str], env: dict[str, str], timeout: f
     return next((rc for rc in rcs if rc), 0), time.time() - start
 
 
+def engine_of(run: Run) -> str:
+    return "fsdp" if run.config.endswith(".yaml") else "deepspeed"
+
+
+def run_overrides(run: Run, assets: dict[str, Path], run_dir: Path, steps: int) -> list[str]:
+    """The command-line overrides of ``RECIPE`` for one run (tests rebuild the recorded runs' recipes from them)."""
+    model = assets[run.model]
+    return [
+        f"output_dir={run_dir}", f"model.from_config={model}", f"model.tokenizer={model}",
+        f"data.train=[{{path: {assets['data']}}}]", "data.num_workers=2", "eval.sets={fineweb: null}",
+        f"train.max_steps={steps}", f"train.micro_batch_size={run.micro_batch}",
+        f"train.global_batch_size={run.micro_batch * run.gpus}", "train.log_every=1", "train.save_every=0",
+        "train.save_final=false", "train.export_final=false", "logging.wandb=disabled", "logging.progress=false",
+        f"parallel.engine={engine_of(run)}", f"parallel.config={run.config}", *run.extra,
+    ]  # fmt: skip
+
+
 def ours(name: str, assets: dict[str, Path], out: Path, steps: int, timeout: float, env: dict[str, str]) -> dict:
     from launcher.config import load_recipe
     from launcher.memory import GIB, estimate
@@ -148,17 +165,9 @@ def ours(name: str, assets: dict[str, Path], out: Path, steps: int, timeout: flo
 
     run = RUNS[name]
     gpus, mb, timeout = run.gpus, run.micro_batch, timeout * run.slow
-    engine = "fsdp" if run.config.endswith(".yaml") else "deepspeed"
+    engine = engine_of(run)
     run_dir = out / name
-    model = assets[run.model]
-    overrides = [
-        f"output_dir={run_dir}", f"model.from_config={model}", f"model.tokenizer={model}",
-        f"data.train=[{{path: {assets['data']}}}]", "data.num_workers=2", "eval.sets={fineweb: null}",
-        f"train.max_steps={steps}", f"train.micro_batch_size={mb}", f"train.global_batch_size={mb * gpus}",
-        "train.log_every=1", "train.save_every=0", "train.save_final=false", "train.export_final=false",
-        "logging.wandb=disabled", "logging.progress=false", f"parallel.engine={engine}",
-        f"parallel.config={run.config}", *run.extra,
-    ]  # fmt: skip
+    overrides = run_overrides(run, assets, run_dir, steps)
     if run.nodes > 1:
         # the checkpoint at the end is written by the ranks of every node (exercised, not timed)
         overrides.append("train.save_final=true")
@@ -176,7 +185,8 @@ def ours(name: str, assets: dict[str, Path], out: Path, steps: int, timeout: flo
     record: dict = {"engine": engine, "config": run.config, "model": run.model, "seq_len": recipe.data.seq_len,
                     "gpus": gpus, "nodes": run.nodes, "micro_batch": mb, "global_batch": mb * gpus, "rc": rc,
                     "wall_s": round(wall, 1), "command": " ".join([command, str(RECIPE.relative_to(REPO)),
-                    *overrides]).replace(str(out), "$OUT")}  # fmt: skip
+                    *overrides]).replace(str(out), "$OUT"), "overrides": [o.replace(str(out), "$OUT")
+                    for o in overrides]}  # fmt: skip
     est = estimate(recipe, cfg, gpus)
     record["memory_estimate_gib"] = round(est.total / GIB, 2)
     record["memory_estimate_parts_gib"] = {k: round(v / GIB, 2) for k, v in est.parts.items()}
@@ -277,7 +287,8 @@ def main() -> int:
         "model": "llama 1.1B shape (recipes/models/llama-1b.json, 32K BPE vocabulary) unless a run names "
                  "llama3-8b (recipes/models/llama3-8b.json)", "seq_len": 2048,
         "precision": "bf16", "peak_tflops": 989,
-        "git_revision": git.stdout.strip() or os.environ.get("CPT_GIT_REVISION", ""),
+        # a copied working tree may carry a stale .git: CPT_GIT_REVISION names what was really copied
+        "git_revision": os.environ.get("CPT_GIT_REVISION") or git.stdout.strip(),
         "command": " ".join(["python", "benchmarks/speed_gpu.py", *sys.argv[1:]]), "runs": {},
     }  # fmt: skip
     env = {**os.environ, "NCCL_NVLS_ENABLE": "0", "TOKENIZERS_PARALLELISM": "false"}

@@ -31,6 +31,9 @@ from .metrics import _shape, layer_param_count, param_count
 
 GIB = float(2**30)
 REDUCE_BUCKET = 500_000_000  # DeepSpeed's default reduce_bucket_size, what "auto" fills in
+# bytes per token per decoder layer, in units of the hidden size, that ZeRO-3 keeps beyond FSDP2's activations
+# (fitted: benchmarks/results/2026-11-28-scaling-NVIDIA-H200.json and -speed-zero3-b-); key: zero3_layer_gather
+ZERO3_EXTRA_PER_TOKEN_LAYER = {True: 10, False: 7}
 
 
 @dataclass
@@ -125,6 +128,13 @@ def estimate(
     checkpointed = len(range(0, layers, recipe.model.checkpoint_every)) if ckpt else 0
     kept = (layers - checkpointed) * per_layer + checkpointed * low * h + (per_layer if checkpointed else 0)
     parts["activations"] = tokens * (kept + 8 * h)  # + the final norm and the head's input
+    if recipe.parallel.engine == "deepspeed" and _zero_stage(recipe) == 3:
+        # DeepSpeed ZeRO-3 holds more during forward and backward than FSDP2 with the same model and batch,
+        # independent of the number of GPUs: peak minus between-step memory was 56.8 GiB against FSDP2's 43.2
+        # (1.1B shape, micro-batch 16 x 2048, compiled layers; 2x H200, 2026-11-28), 52.3 GiB with per-submodule
+        # gathers. Not explained by its buffers; fitted as bytes per token per uncheckpointed layer.
+        extra = ZERO3_EXTRA_PER_TOKEN_LAYER[recipe.parallel.zero3_layer_gather] * h
+        parts["ZeRO-3 overhead"] = tokens * (layers - checkpointed) * extra * (low / 2)
 
     # logits and loss
     if recipe.train.fused_loss:

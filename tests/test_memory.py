@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from conftest import cpt, tiny_recipe, write_recipe
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -97,3 +99,61 @@ def test_cpt_plan_prints_the_estimate_and_warns_when_it_will_not_fit(tmp_path, a
     assert "largest micro batch" in p.stdout
     small = cpt("plan", str(recipe), "train.micro_batch_size=2", "--gpus-per-node", "2", "--gpu-memory-gib", "80")
     assert small.returncode == 0 and "warning" not in small.stderr, small.stderr
+
+
+def test_layer_param_count_is_the_built_models(assets):
+    from launcher.metrics import layer_param_count
+    from launcher.model import decoder_layer_classes
+
+    cfg = AutoConfig.from_pretrained(assets["base"])
+    model = AutoModelForCausalLM.from_config(cfg)
+    layer = next(m for m in model.modules() if isinstance(m, decoder_layer_classes(model)))
+    assert layer_param_count(cfg) == sum(p.numel() for p in layer.parameters())
+
+
+def test_zero3_overhead_term_is_deepspeed_stage_3_only(tmp_path, assets):
+    cfg = big_config()
+    fsdp = recipe_for(tmp_path, assets, parallel={"engine": "fsdp", "config": "fsdp.yaml"})
+    zero2 = recipe_for(tmp_path, assets, parallel={"engine": "deepspeed", "config": "zero2.json"})
+    leaf = recipe_for(tmp_path, assets, parallel={"engine": "deepspeed", "config": "zero3.json"})
+    gathers = {"engine": "deepspeed", "config": "zero3.json", "zero3_layer_gather": False}
+    per_module = recipe_for(tmp_path, assets, parallel=gathers)
+    assert "ZeRO-3 overhead" not in estimate(fsdp, cfg, 2).parts
+    assert "ZeRO-3 overhead" not in estimate(zero2, cfg, 2).parts
+    one, four = (estimate(leaf, cfg, 2, micro_batch_size=m).parts["ZeRO-3 overhead"] for m in (1, 4))
+    assert four == pytest.approx(4 * one)
+    assert estimate(per_module, cfg, 2).parts["ZeRO-3 overhead"] < estimate(leaf, cfg, 2).parts["ZeRO-3 overhead"]
+
+
+def recorded_gpu_runs():
+    """Every run of the GPU benchmarks with its recipe overrides and measured peak (benchmarks/results)."""
+    import json
+
+    from launcher.config import PACKAGE_ROOT
+
+    out = []
+    for path in sorted((PACKAGE_ROOT / "benchmarks" / "results").glob("*-NVIDIA-*.json")):
+        for name, run in json.loads(path.read_text()).get("runs", {}).items():
+            if run.get("overrides") and run.get("peak_mem_gib"):
+                out.append(pytest.param(run, id=f"{path.stem}:{name}"))
+    return out
+
+
+@pytest.mark.parametrize("run", recorded_gpu_runs())
+def test_estimate_is_within_15_percent_of_every_measured_gpu_peak(run):
+    """The formula of this checkout against the peaks measured on GPUs: the model directories the benchmark built
+    are recipes/models/*.json with the same vocabulary, so the recipe is rebuilt from those."""
+    from launcher.config import PACKAGE_ROOT
+    from launcher.model import load_config
+
+    models = PACKAGE_ROOT / "recipes" / "models"
+    overrides = []
+    for o in run["overrides"]:
+        key, _, value = o.partition("=")
+        if key in ("model.from_config", "model.tokenizer"):
+            o = f"{key}={models / (Path(value).name + '.json')}"
+        overrides.append(o)
+    recipe = load_recipe(PACKAGE_ROOT / "recipes" / "llama-1b-scratch.yaml", overrides, world_size=run["gpus"],
+                         check_files=False)  # fmt: skip
+    got = estimate(recipe, load_config(recipe), run["gpus"]).total / GIB
+    assert got == pytest.approx(run["peak_mem_gib"], rel=0.15), (got, run["peak_mem_gib"])
