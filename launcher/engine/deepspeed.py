@@ -21,7 +21,7 @@ from ..callbacks.base import redact_values
 from ..config import BatchLayout, Recipe
 from ..launch import DistInfo
 from ..memory import REDUCE_BUCKET
-from ..metrics import layer_param_count
+from ..metrics import layer_param_count, param_count
 from ..model import apply_training_options, build_model, decoder_layer_classes
 from .base import Batch, Engine, forward_loss, lr_lambda
 
@@ -66,7 +66,7 @@ def fill_auto(
     # 2026-11-28-speed-zero3-NVIDIA-H200.json).
     hidden = int(config.hidden_size)
     sizes = {
-        "reduce_bucket_size": REDUCE_BUCKET,
+        "reduce_bucket_size": min(REDUCE_BUCKET, param_count(config)),  # allocated whole: no bigger than the model
         "stage3_prefetch_bucket_size": 2 * layer_param_count(config),
         "stage3_param_persistence_threshold": 10 * hidden,
     }
