@@ -260,10 +260,14 @@ def _torch_save_reports_os_errors() -> Iterator[None]:
         torch.save = original
 
 
-def _write_text(path: Path, text: str) -> None:
+def _write_text(path: Path, text: str, sync: bool = False) -> None:
+    """Write ``text``; an OSError always names the file (a full disk reports none of its own)."""
     try:
         with open(path, "w") as f:
             f.write(text)
+            if sync:
+                f.flush()
+                os.fsync(f.fileno())
     except OSError as e:
         if e.filename:
             raise
@@ -272,15 +276,7 @@ def _write_text(path: Path, text: str) -> None:
 
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError as e:
-        if e.filename:
-            raise
-        raise OSError(e.errno, e.strerror, str(tmp)) from e
+    _write_text(tmp, text, sync=True)
     os.replace(tmp, path)
 
 

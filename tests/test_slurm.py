@@ -51,9 +51,10 @@ def submit(cluster: SlurmCluster, out: Path, args: list[str], **env: str) -> str
 
 
 def wait_for_job(cluster: SlurmCluster, job: str, log: Path, timeout: float = 420) -> dict[str, str]:
-    """Poll until the job ends (sbatch --wait backs off to ~30 s between polls). A requeued job waits ~2 min
-    (Slurm's BeginTime after a requeue) and that wait is kept: slurmd refuses, for a while, to start a job id it
-    has just killed ("Job N already killed, do not launch batch job"), so an earlier start fails at launch."""
+    """Poll until the job ends (sbatch --wait backs off to ~30 s between polls). A requeued job waits for the
+    credential lifetime (its BeginTime after a requeue; ``AuthInfo=cred_expire``, 10 s in the test cluster instead
+    of 120) and that wait is kept: slurmd refuses, for as long, to start a job id it has just killed ("Job N
+    already killed, do not launch batch job"), so an earlier start fails at launch."""
     end = time.time() + timeout
     while time.time() < end:
         j = cluster.job(job)
