@@ -727,11 +727,9 @@ def _check_deepspeed(r: Recipe, problems: list[str]) -> None:
 # --------------------------------------------------------------------------------------------- output
 
 
-def to_yaml(recipe: Recipe, redact: bool = True) -> str:
+def to_yaml(recipe: Recipe) -> str:
     """The resolved recipe as YAML, as saved in output_dir/resolved_recipe.yaml and printed by ``cpt plan``.
     Values under secret-looking keys (``api_key``, ``token``, ``password``, ...) are written as ``***``."""
-    if not redact:
-        return OmegaConf.to_yaml(OmegaConf.structured(recipe))
     from .callbacks.base import redact_values
 
     return OmegaConf.to_yaml(OmegaConf.create(redact_values(to_dict(recipe))))

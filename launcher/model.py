@@ -75,7 +75,7 @@ def apply_training_options(model: Any, recipe: Recipe, compile_layers: bool = Tr
     from .engine.loss import install_fused_loss
 
     m, t = recipe.model, recipe.train
-    layers: list[Any] = [mod for mod in model.modules() if isinstance(mod, decoder_layer_classes(model))]
+    layers = decoder_layers(model)
     checkpointed = 0
     if m.activation_checkpointing:
         # transformers renamed gradient_checkpointing_enable (deprecated from 5.2x on)
@@ -114,6 +114,12 @@ def decoder_layer_classes(model: nn.Module) -> tuple[type, ...]:
     if not classes:
         raise ValueError(f"cannot find the decoder layers of {type(model).__name__} (no _no_split_modules)")
     return tuple(classes)
+
+
+def decoder_layers(model: nn.Module) -> list[Any]:
+    """The model's decoder layers in order: the units that sharding wraps and the training options apply to."""
+    classes = decoder_layer_classes(model)
+    return [mod for mod in model.modules() if isinstance(mod, classes)]
 
 
 def count_parameters(model: nn.Module) -> int:

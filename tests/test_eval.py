@@ -61,9 +61,15 @@ def uneven_file(assets, tmp_path_factory):
 
 @pytest.mark.parametrize("engine, nproc", [("deepspeed", 2), ("fsdp", 3)])
 def test_distributed_perplexity_equals_single_process_reference(assets, uneven_file, engine, nproc):
-    ref = reference(assets["base"], uneven_file, SEQ)
-    assert ref["blocks"] == 8 and 1 < ref["last"] < SEQ
-    assert_matches(ref, cpt_eval(assets, uneven_file, engine, nproc))
+    check_against_reference(assets, uneven_file, engine, nproc, blocks=8)
+
+
+def check_against_reference(assets, data, engine: str, nproc: int, blocks: int) -> None:
+    """``cpt eval`` on ``nproc`` ranks against the single-process reference on ``data`` (``blocks`` blocks, the
+    last one partial)."""
+    ref = reference(assets["base"], data, SEQ)
+    assert ref["blocks"] == blocks and 1 < ref["last"] < SEQ
+    assert_matches(ref, cpt_eval(assets, data, engine, nproc))
 
 
 def cpt_eval(assets, data, engine: str, nproc: int) -> dict:
@@ -90,6 +96,4 @@ def one_block_file(assets, tmp_path_factory):
 
 @pytest.mark.parametrize("engine, nproc", [("deepspeed", 2), ("fsdp", 3)])
 def test_ranks_without_eval_data_neither_hang_nor_change_the_perplexity(assets, one_block_file, engine, nproc):
-    ref = reference(assets["base"], one_block_file, SEQ)
-    assert ref["blocks"] == 1 and 1 < ref["last"] < SEQ
-    assert_matches(ref, cpt_eval(assets, one_block_file, engine, nproc))
+    check_against_reference(assets, one_block_file, engine, nproc, blocks=1)

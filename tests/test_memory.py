@@ -103,11 +103,10 @@ def test_cpt_plan_prints_the_estimate_and_warns_when_it_will_not_fit(tmp_path, a
 
 def test_layer_param_count_is_the_built_models(assets):
     from launcher.metrics import layer_param_count
-    from launcher.model import decoder_layer_classes
+    from launcher.model import decoder_layers
 
     cfg = AutoConfig.from_pretrained(assets["base"])
-    model = AutoModelForCausalLM.from_config(cfg)
-    layer = next(m for m in model.modules() if isinstance(m, decoder_layer_classes(model)))
+    layer = decoder_layers(AutoModelForCausalLM.from_config(cfg))[0]
     assert layer_param_count(cfg) == sum(p.numel() for p in layer.parameters())
 
 

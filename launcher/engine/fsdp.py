@@ -27,7 +27,7 @@ from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from ..config import BatchLayout, Recipe
 from ..launch import DistInfo
-from ..model import apply_training_options, build_model, decoder_layer_classes
+from ..model import apply_training_options, build_model, decoder_layers
 from .base import Batch, Engine, forward_loss, lr_lambda
 
 log = logging.getLogger(__name__)
@@ -74,8 +74,7 @@ class FsdpEngine(Engine):
         buffers = {n: b.clone() for n, b in model.named_buffers()}
         # Each decoder layer is its own FSDP unit, so one layer's all-gather overlaps the previous one's compute;
         # the root unit holds embeddings, final norm and lm_head (tied weights stay one parameter there).
-        layer_types = decoder_layer_classes(model)
-        layers: list[Any] = [mod for mod in model.modules() if isinstance(mod, layer_types)]
+        layers = decoder_layers(model)
         for layer in layers:
             fully_shard(cast(nn.Module, layer), **kwargs)
         fully_shard(model, **kwargs)
