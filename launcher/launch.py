@@ -331,6 +331,7 @@ def set_collective_timeout(minutes: float) -> None:
 
 
 _C10D_FILE = os.path.join("torch", "distributed", "distributed_c10d.py")
+_FUNCOL_FILE = os.path.join("torch", "distributed", "_functional_collectives.py")
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 _PEER_TROUBLE = r"time[sd]? ?out|connection|closed|reset by peer|broken pipe|/gloo/|nccl"
 
@@ -349,6 +350,13 @@ def describe_collective_failure(error: BaseException, timeout_minutes: float) ->
     # The outermost torch.distributed call is the collective the caller asked for (broadcast_object_list, not the
     # broadcast inside it).
     at = next((i for i, f in enumerate(frames) if f.filename.endswith(_C10D_FILE)), None)
+    funcol = next((i for i, f in enumerate(frames) if f.filename.endswith(_FUNCOL_FILE)), None)
+    if at is None and funcol is not None:
+        # DTensor collectives (a gradient norm, full_tensor) are issued and waited deep inside torch: name the
+        # public torch function that our code called.
+        ours_at = max((i for i, f in enumerate(frames[:funcol]) if f.filename.startswith(_PACKAGE_DIR + os.sep)),
+                      default=-1)  # fmt: skip
+        at = next((i for i in range(ours_at + 1, funcol) if not frames[i].name.startswith("_")), funcol)
     if at is None and not isinstance(error, dist.DistError) and "/gloo/" not in text:
         return None
     what = f"collective {frames[at].name}" if at is not None else "a collective"

@@ -189,6 +189,36 @@ def bad_sources(assets, root: Path, bad_line: str) -> Path:
     return root
 
 
+def test_a_dtensor_collective_that_times_out_is_named_by_the_torch_call_and_our_line():
+    """A DTensor collective (FSDP2's gradient norm) is waited on deep inside torch, with no distributed_c10d frame:
+    the message names the public torch function our code called and our line. The traceback is a real one, through
+    code compiled under torch's file names."""
+    from launcher.launch import _PACKAGE_DIR, describe_collective_failure
+
+    def compiled(path: str, source: str, env: dict) -> None:
+        exec(compile(source, path, "exec"), env)
+
+    torch_dir = os.path.join(os.sep, "x", "site-packages", "torch")
+    env: dict = {}
+    compiled(
+        os.path.join(torch_dir, "distributed", "_functional_collectives.py"),
+        "def wait_tensor():\n    raise RuntimeError('[gloo/tcp.cc:78] Timed out waiting 12000ms for recv')\n",
+        env,
+    )
+    compiled(
+        os.path.join(torch_dir, "nn", "utils", "clip_grad.py"),
+        "def _no_grad_wrapper():\n    clip_grad_norm_()\ndef clip_grad_norm_():\n    wait_tensor()\n",
+        env,
+    )
+    compiled(os.path.join(_PACKAGE_DIR, "engine", "fsdp.py"), "def train_step():\n    _no_grad_wrapper()\n", env)
+    with pytest.raises(RuntimeError) as info:
+        env["train_step"]()
+    message = describe_collective_failure(info.value, 0.2)
+    assert message is not None
+    named = "collective clip_grad_norm_ in launcher/engine/fsdp.py:2 (train_step) timed out after 12 s"
+    assert message.startswith(named), message
+
+
 @pytest.mark.parametrize("bad_line, problem", [('{"text": "def f(:", oops', "malformed JSON"),
                                                ('{"content": "no text field"}', "no field 'text'")])  # fmt: skip
 def test_bad_data_read_by_a_dataloader_worker_is_named_by_file_and_line(assets, tmp_path, bad_line, problem):
