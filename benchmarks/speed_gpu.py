@@ -63,6 +63,9 @@ RUNS: dict[str, Run] = {
     "zero3-buckets": Run("zero3.json", 2, 16, [*FAST, *BUCKETS]),
     "zero3-deepcompile": Run("zero3.json", 2, 16, [*FAST, *BUCKETS, *DEEPCOMPILE], slow=2.2),  # + its CUDA build
     "zero3-1gpu": Run("zero3.json", 1, 16, FAST),
+    "zero3-1gpu-no-overlap": Run("zero3.json", 1, 16, [*FAST, f"{ZERO}overlap_comm=false"]),
+    "zero3-1gpu-eager": Run("zero3.json", 1, 16, ["train.compile=false"]),
+    "fsdp-1gpu-eager": Run("fsdp.yaml", 1, 16, ["train.compile=false"]),
     "fsdp-4gpu": Run("fsdp.yaml", 4, 16, FAST),
     "zero3-4gpu": Run("zero3.json", 4, 16, FAST),
     "fsdp-8gpu": Run("fsdp.yaml", 8, 16, FAST),
@@ -157,7 +160,10 @@ def run_overrides(run: Run, assets: dict[str, Path], run_dir: Path, steps: int) 
     ]  # fmt: skip
 
 
-def ours(name: str, assets: dict[str, Path], out: Path, steps: int, timeout: float, env: dict[str, str]) -> dict:
+def ours(
+    name: str, assets: dict[str, Path], out: Path, steps: int, timeout: float, env: dict[str, str],
+    profile: list[int] | None = None,
+) -> dict:
     from launcher.config import load_recipe
     from launcher.memory import GIB, estimate
     from launcher.metrics import flops_per_token, mfu
@@ -168,6 +174,8 @@ def ours(name: str, assets: dict[str, Path], out: Path, steps: int, timeout: flo
     engine = engine_of(run)
     run_dir = out / name
     overrides = run_overrides(run, assets, run_dir, steps)
+    if profile:
+        overrides.append(f"train.profile_steps=[{profile[0]},{profile[1]}]")
     if run.nodes > 1:
         # the checkpoint at the end is written by the ranks of every node (exercised, not timed)
         overrides.append("train.save_final=true")
@@ -194,7 +202,8 @@ def ours(name: str, assets: dict[str, Path], out: Path, steps: int, timeout: flo
     lines = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()] if metrics.is_file() else []
     train = [x for x in lines if "loss" in x]
     warm = max(1, min(4, len(train) - 2))
-    steady = train[warm:]
+    # profiled steps carry the profiler's overhead: timed apart, in the profile summary
+    steady = [x for x in train[warm:] if not profile or not profile[0] <= x["step"] <= profile[1]]
     if not steady:
         return record
     step_time = sum(x["step_time"] for x in steady) / len(steady)
@@ -209,6 +218,10 @@ def ours(name: str, assets: dict[str, Path], out: Path, steps: int, timeout: flo
         between_steps_gib=round(steady[-1].get("mem_allocated_gib", 0), 2),
         losses=[round(x["loss"], 4) for x in train],
     )  # fmt: skip
+    summary = run_dir / "profile" / "rank0.summary.json"
+    if summary.is_file():
+        prof = json.loads(summary.read_text())
+        record["profile"] = {**prof, "top_ops": prof.get("top_ops", [])[:12]}
     if record["peak_mem_gib"]:
         record["estimate_error"] = round(record["memory_estimate_gib"] / record["peak_mem_gib"] - 1, 3)
     return record
@@ -273,6 +286,8 @@ def main() -> int:
     p.add_argument("--deadline", type=float, default=0, help="skip runs that would start after this many seconds")
     p.add_argument("--results", default=str(REPO / "benchmarks" / "results"))
     p.add_argument("--name", default="speed", help="results file: <date>-<name>-<card>.json")
+    p.add_argument("--profile", nargs=2, type=int, metavar=("FIRST", "LAST"),
+                   help="profile these steps of every run (train.profile_steps; they are left out of the timing)")
     args = p.parse_args()
     t0 = time.time()
     out = Path(args.out).resolve()
@@ -304,14 +319,14 @@ def main() -> int:
         if name == "baseline":
             r = baseline(assets, out, args.steps, args.timeout, env)
         else:
-            r = ours(name, assets, out, args.steps, args.timeout, env)
+            r = ours(name, assets, out, args.steps, args.timeout, env, args.profile)
         record["runs"][name] = r
         print(json.dumps({k: v for k, v in r.items() if k not in ("losses", "command")}), flush=True)
         if r.get("rc") != 0:
             print((out / f"{name}.log").read_text()[-3000:], flush=True)
             if name in FALLBACK and not (args.deadline and time.time() - t0 > args.deadline):
                 RUNS[f"{name}-fallback"] = RUNS[name]._replace(extra=[*RUNS[name].extra, *FALLBACK[name]])
-                r = ours(f"{name}-fallback", assets, out, args.steps, args.timeout, env)
+                r = ours(f"{name}-fallback", assets, out, args.steps, args.timeout, env, args.profile)
                 record["runs"][f"{name}-fallback"] = r
                 print(json.dumps({k: v for k, v in r.items() if k not in ("losses", "command")}), flush=True)
         base = record["runs"].get("baseline", {}).get("tokens_per_s_per_gpu")

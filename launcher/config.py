@@ -176,6 +176,10 @@ class TrainConfig:
     in memory. Falls back to the model's own logits for models that scale or cap them after the projection."""
     preempt_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
     """Signals that make every rank finish its step, save a checkpoint and exit with code 75 (requeue me)."""
+    profile_steps: list[int] = field(default_factory=list)
+    """``[first, last]``: record a torch.profiler trace of these optimizer steps (counted from 1, inclusive) on
+    every rank, into output_dir/profile/ with a summary of the GPU's busy time and top operators. Skip the first
+    steps, which include torch.compile. Empty: off."""
 
 
 @dataclass
@@ -595,6 +599,16 @@ def _check_values(r: Recipe, problems: list[str]) -> None:
     need(t.save_every >= 0, f"train.save_every: must be >= 0, got {t.save_every}")
     need(t.max_skipped_steps > 0, f"train.max_skipped_steps: must be positive, got {t.max_skipped_steps}")
     need(t.keep_last > 0, f"train.keep_last: must be positive, got {t.keep_last}")
+    if t.profile_steps:
+        ps = t.profile_steps
+        need(
+            len(ps) == 2 and 1 <= ps[0] <= ps[1],
+            f"train.profile_steps: [first, last] with 1 <= first <= last, got {ps}",
+        )
+        need(
+            len(ps) != 2 or t.max_steps == 0 or ps[1] <= t.max_steps,
+            f"train.profile_steps: step {ps[-1]} is after train.max_steps={t.max_steps}",
+        )
     for i, name in enumerate(t.preempt_signals):
         need(name in PREEMPT_SIGNALS, f"train.preempt_signals[{i}]: {name!r} is not one of {sorted(PREEMPT_SIGNALS)}")
     e = r.eval

@@ -23,6 +23,7 @@ from .launch import DistInfo
 from .metrics import Throughput, flops_per_token, memory_stats, mfu, peak_flops
 from .model import count_parameters, load_config, load_tokenizer, save_hf_model
 from .preemption import PREEMPTED_EXIT_CODE, Preemption
+from .profiling import StepProfiler
 
 log = logging.getLogger(__name__)
 
@@ -111,13 +112,15 @@ class Trainer:
         batches = iter(self.stream)
         speed = Throughput()
         preemption = Preemption(t.preempt_signals, self.info.device)
+        profiler = StepProfiler(t.profile_steps, self.out, self.info.rank, self.info.device)
         last_eval = -1
         while self.step < t.max_steps:
             start = time.perf_counter()
-            micro = [next(batches) for _ in range(self.layout.grad_accum)]
-            data_wait = time.perf_counter() - start
-            lr = self.engine.lr()
-            loss, grad_norm = self.engine.train_step(micro)
+            with profiler.step(self.step + 1):
+                micro = [next(batches) for _ in range(self.layout.grad_accum)]
+                data_wait = time.perf_counter() - start
+                lr = self.engine.lr()
+                loss, grad_norm = self.engine.train_step(micro)
             self.step += 1
             self._check_finite(grad_norm)
             self.tokens_seen += self.layout.tokens_per_step

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -117,6 +118,21 @@ def test_batch_that_does_not_divide_the_world_names_the_keys():
     assert r.batch_layout(64).grad_accum == 1
     with pytest.raises(ConfigError, match=r"train.global_batch_size: 512 is not a multiple of .* x world size \(48\)"):
         r.batch_layout(48)
+
+
+@pytest.mark.parametrize(
+    "value, needle",
+    [
+        ("[3]", r"train.profile_steps: \[first, last\] with 1 <= first <= last, got \[3\]"),
+        ("[5,2]", r"train.profile_steps: \[first, last\] with 1 <= first <= last, got \[5, 2\]"),
+        ("[0,1]", r"got \[0, 1\]"),
+        ("[1,3000]", r"train.profile_steps: step 3000 is after train.max_steps=2000"),
+        ("[a,b]", r"train.profile_steps\[0\]: expected int"),
+    ],
+)
+def test_bad_profile_steps_are_named(value, needle):
+    problems = "\n".join(problems_of(RECIPE_DIR / "llama-1b-zero3.yaml", [f"train.profile_steps={value}"]))
+    assert re.search(needle, problems), problems
 
 
 @pytest.mark.parametrize(

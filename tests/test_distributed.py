@@ -18,14 +18,15 @@ ENGINES = {
     "fsdp": ("fsdp", "fsdp.yaml", {}),
     "hsdp": ("fsdp", "fsdp-hybrid.yaml", {}),
     "fsdp-ckpt": ("fsdp", "fsdp.yaml", {"model": {"activation_checkpointing": True}}),
-    # the speed options: the plain loss over full logits, selective checkpointing with deeper prefetching,
+    # the speed options: the plain loss over full logits, selective checkpointing with deeper prefetching (and a
+    # profile of steps 2-3),
     # compiled decoder layers, ZeRO-3 gathering per submodule (DeepSpeed's default) instead of per layer
     "fsdp-options": (
         "fsdp",
         "fsdp.yaml",
         {
             "model": {"activation_checkpointing": True, "checkpoint_every": 2},
-            "train": {"fused_loss": False},
+            "train": {"fused_loss": False, "profile_steps": [2, 3]},
             "parallel": {"fsdp": {"prefetch_layers": 2}},
         },
     ),
@@ -93,6 +94,23 @@ def test_every_output_is_written(parity_runs):
     assert ckpts == ["step-4", "step-5"]  # keep_last 2 pruned step-2
     card = (out / "README.md").read_text()
     assert "perplexity" in card.lower()
+
+
+def test_profile_steps_write_a_trace_and_a_summary_on_every_rank(parity_runs):
+    import gzip
+
+    prof = parity_runs["fsdp-options"] / "profile"
+    for rank in (0, 1):
+        summary = json.loads((prof / f"rank{rank}.summary.json").read_text())
+        assert summary["steps"] == [2, 3]
+        assert len(summary["step_wall_s"]) == 2 and all(w > 0 for w in summary["step_wall_s"])
+        assert summary["window_s"] >= 0.9 * sum(summary["step_wall_s"]) > 0
+        names = [op["name"] for op in summary["top_ops"]]
+        assert any(n.startswith("aten::") for n in names), names
+        trace = json.loads(gzip.open(prof / f"rank{rank}.trace.json.gz", "rt").read())
+        steps = {e["name"] for e in trace["traceEvents"] if str(e.get("name", "")).startswith("step ")}
+        assert steps == {"step 2", "step 3"}
+    assert not any((p / "profile").exists() for name, p in parity_runs.items() if name != "fsdp-options")
 
 
 @pytest.mark.parametrize("name", ["zero0", "zero2", "zero3", "fsdp"])

@@ -118,3 +118,28 @@ def test_throughput_is_a_rolling_window():
     tp.update(1.0, 1000)  # the first step leaves the window
     assert tp.tokens_per_s() == pytest.approx(1300 / 4)
     assert tp.step_time() == pytest.approx(2.0)
+
+
+def test_profile_busy_share_is_the_union_of_compute_kernels_in_the_step_window():
+    from launcher.profiling import busy_fraction, trace_summary
+
+    # overlapping kernels count once; parts outside the window are clipped
+    assert busy_fraction([(0, 4), (2, 6), (8, 12)], 1, 11) == pytest.approx((5 + 3) / 10)
+    assert busy_fraction([], 0, 1) == 0.0
+
+    def ev(name, cat, ts, dur):
+        return {"ph": "X", "name": name, "cat": cat, "ts": ts, "dur": dur}
+
+    trace = {"traceEvents": [
+        ev("step 6", "user_annotation", 1000, 400), ev("step 7", "user_annotation", 1500, 500),
+        ev("ampere_gemm", "kernel", 900, 300),  # starts before the window: 200 us inside
+        ev("flash_fwd", "kernel", 1300, 200), ev("flash_bwd", "kernel", 1400, 100),  # overlap: 1300-1500
+        ev("ncclDevKernel_ReduceScatter", "kernel", 1600, 300),  # communication: not compute
+        ev("aten::mm", "cpu_op", 1000, 999),
+    ]}  # fmt: skip
+    s = trace_summary(trace)
+    assert s["window_s"] == pytest.approx(1000e-6)
+    assert s["device_busy_frac"] == pytest.approx((200 + 200) / 1000)
+    assert s["compute_kernel_s"] == pytest.approx(500e-6)
+    assert s["comm_kernel_s"] == pytest.approx(300e-6)
+    assert trace_summary({"traceEvents": [ev("aten::mm", "cpu_op", 0, 5)]}) == {}

@@ -1,0 +1,126 @@
+"""``train.profile_steps``: a torch.profiler trace of a few optimizer steps on every rank.
+
+Writes, under ``output_dir/profile/``, for each rank ``rank<R>.trace.json.gz`` (open it in Perfetto or
+chrome://tracing) and ``rank<R>.summary.json``: the wall time of each profiled step, how much of it the GPU was
+computing (the union of its compute kernels over the profiled window: the rest is time the GPU waited on the host,
+on communication it could not overlap, or on data), and the operators that took the most device (or, on CPU, host)
+time. Rank 0 logs the one-line result.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import json
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.profiler import ProfilerActivity, profile, record_function
+
+log = logging.getLogger(__name__)
+
+TOP_OPS = 25
+
+
+def busy_fraction(intervals: list[tuple[float, float]], start: float, end: float) -> float:
+    """The share of [start, end] covered by the union of ``(begin, end)`` intervals (clipped to the window)."""
+    if end <= start:
+        return 0.0
+    covered, reach = 0.0, start
+    for b, e in sorted(intervals):
+        b, e = max(b, reach), min(e, end)
+        if e > b:
+            covered += e - b
+            reach = e
+    return covered / (end - start)
+
+
+def trace_summary(trace: dict[str, Any]) -> dict[str, Any]:
+    """Device activity of a Chrome trace written by torch.profiler, over the window spanned by our ``step N``
+    annotations: the share of it the GPU spent in compute kernels (communication kernels, NCCL's, counted apart:
+    they may overlap compute) and the kernel seconds of each kind."""
+    events = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X" and "dur" in e]
+    steps = [e for e in events if str(e.get("name", "")).startswith("step ") and e.get("cat") == "user_annotation"]
+    out: dict[str, Any] = {}
+    if not steps:
+        return out
+    start = min(float(e["ts"]) for e in steps)
+    end = max(float(e["ts"]) + float(e["dur"]) for e in steps)
+    out["window_s"] = round((end - start) / 1e6, 4)
+    kinds: dict[str, list[tuple[float, float]]] = {"compute": [], "comm": []}
+    for e in events:
+        if e.get("cat") == "kernel":
+            b, f = max(float(e["ts"]), start), min(float(e["ts"]) + float(e["dur"]), end)
+            if f > b:
+                kinds["comm" if "nccl" in str(e.get("name", "")).lower() else "compute"].append((b, f))
+    if kinds["compute"] or kinds["comm"]:
+        out["device_busy_frac"] = round(busy_fraction(kinds["compute"], start, end), 4)
+        for kind, spans in kinds.items():
+            out[f"{kind}_kernel_s"] = round(sum(f - b for b, f in spans) / 1e6, 4)
+    return out
+
+
+def top_ops(prof: profile, device: bool, n: int = TOP_OPS) -> list[dict[str, Any]]:
+    """The operators with the most self time on the device (GPU runs) or the host (CPU runs)."""
+    rows = []
+    for a in prof.key_averages():
+        dev_us = float(getattr(a, "self_device_time_total", 0) or 0)
+        rows.append({"name": a.key, "calls": a.count, "self_device_ms": round(dev_us / 1e3, 3),
+                     "self_cpu_ms": round(float(a.self_cpu_time_total) / 1e3, 3)})  # fmt: skip
+    rows.sort(key=lambda r: r["self_device_ms" if device else "self_cpu_ms"], reverse=True)
+    return rows[:n]
+
+
+class StepProfiler:
+    """Profiles optimizer steps ``first..last`` (counted from 1, inclusive) of this process: ``with
+    profiler.step(n):`` around each step of the loop starts the profiler at the first profiled step, annotates
+    each profiled step (ending it once the device has finished its work) and writes the results after the last."""
+
+    def __init__(self, steps: list[int], out_dir: Path, rank: int, device: torch.device):
+        self.first, self.last = (steps[0], steps[-1]) if steps else (0, -1)
+        self.dir = out_dir / "profile"
+        self.rank = rank
+        self.cuda = device.type == "cuda"
+        self.prof: profile | None = None
+        self.wall: list[float] = []
+
+    @contextlib.contextmanager
+    def step(self, step: int) -> Iterator[None]:
+        if not self.first <= step <= self.last:
+            yield
+            return
+        if self.prof is None:
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
+            self.prof = profile(activities=activities, record_shapes=False, with_stack=False)
+            self.prof.__enter__()
+        start = time.perf_counter()
+        with record_function(f"step {step}"):
+            yield
+            if self.cuda:
+                torch.cuda.synchronize()
+        self.wall.append(time.perf_counter() - start)
+        if step == self.last:
+            self._write()
+
+    def _write(self) -> None:
+        assert self.prof is not None
+        prof, self.prof = self.prof, None
+        prof.__exit__(None, None, None)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        raw = self.dir / f"rank{self.rank}.trace.json"
+        prof.export_chrome_trace(str(raw))
+        trace = json.loads(raw.read_text())
+        with gzip.open(raw.with_suffix(".json.gz"), "wt") as f:
+            json.dump(trace, f)
+        raw.unlink()
+        summary = {"steps": [self.first, self.last], "step_wall_s": [round(w, 4) for w in self.wall],
+                   **trace_summary(trace), "top_ops": top_ops(prof, self.cuda)}  # fmt: skip
+        (self.dir / f"rank{self.rank}.summary.json").write_text(json.dumps(summary, indent=2))
+        if self.rank == 0:
+            busy = summary.get("device_busy_frac")
+            busy_text = f", GPU busy {100 * busy:.1f}% of {summary['window_s']} s" if busy is not None else ""
+            log.info("profile of steps %d-%d written to %s%s", self.first, self.last, self.dir, busy_text)
