@@ -161,7 +161,12 @@ def run_overrides(run: Run, assets: dict[str, Path], run_dir: Path, steps: int) 
 
 
 def ours(
-    name: str, assets: dict[str, Path], out: Path, steps: int, timeout: float, env: dict[str, str],
+    name: str,
+    assets: dict[str, Path],
+    out: Path,
+    steps: int,
+    timeout: float,
+    env: dict[str, str],
     profile: list[int] | None = None,
 ) -> dict:
     from launcher.config import load_recipe
@@ -286,8 +291,13 @@ def main() -> int:
     p.add_argument("--deadline", type=float, default=0, help="skip runs that would start after this many seconds")
     p.add_argument("--results", default=str(REPO / "benchmarks" / "results"))
     p.add_argument("--name", default="speed", help="results file: <date>-<name>-<card>.json")
-    p.add_argument("--profile", nargs=2, type=int, metavar=("FIRST", "LAST"),
-                   help="profile these steps of every run (train.profile_steps; they are left out of the timing)")
+    p.add_argument(
+        "--profile",
+        nargs=2,
+        type=int,
+        metavar=("FIRST", "LAST"),
+        help="profile these steps of every run (train.profile_steps; they are left out of the timing)",
+    )
     args = p.parse_args()
     t0 = time.time()
     out = Path(args.out).resolve()

@@ -107,7 +107,8 @@ def test_profile_steps_write_a_trace_and_a_summary_on_every_rank(parity_runs):
         assert summary["window_s"] >= 0.9 * sum(summary["step_wall_s"]) > 0
         names = [op["name"] for op in summary["top_ops"]]
         assert any(n.startswith("aten::") for n in names), names
-        trace = json.loads(gzip.open(prof / f"rank{rank}.trace.json.gz", "rt").read())
+        with gzip.open(prof / f"rank{rank}.trace.json.gz", "rt") as f:
+            trace = json.load(f)
         steps = {e["name"] for e in trace["traceEvents"] if str(e.get("name", "")).startswith("step ")}
         assert steps == {"step 2", "step 3"}
     assert not any((p / "profile").exists() for name, p in parity_runs.items() if name != "fsdp-options")
