@@ -31,9 +31,9 @@ from .metrics import _shape, layer_param_count, param_count
 
 GIB = float(2**30)
 REDUCE_BUCKET = 500_000_000  # DeepSpeed's default reduce_bucket_size, what "auto" fills in
-# bytes per token per decoder layer, in units of the hidden size, that ZeRO-3 keeps beyond FSDP2's activations
-# (fitted: benchmarks/results/2026-11-28-scaling-NVIDIA-H200.json and -speed-zero3-b-); key: zero3_layer_gather
-ZERO3_EXTRA_PER_TOKEN_LAYER = {True: 10, False: 7}
+# torch._dynamo.config.recompile_limit: how many variants of one compiled function torch keeps before it runs the
+# function uncompiled for every new variant
+RECOMPILE_LIMIT = 8
 
 
 @dataclass
@@ -68,6 +68,19 @@ def layer_activation_bytes(config: Any, compiled: bool = False) -> int:
 
 def _zero_stage(recipe: Recipe) -> int:
     return int((recipe.parallel.deepspeed.get("zero_optimization") or {}).get("stage", 0))
+
+
+def compiled_layers(recipe: Recipe, layers: int) -> range:
+    """The decoder layers that run compiled. DeepSpeed's ``memory_efficient_linear`` (ZeRO-3) replaces torch's
+    linear with an autograd function that reads each weight's ZeRO id, so torch.compile compiles the layer
+    function again for each layer and runs the layers after the first ``RECOMPILE_LIMIT`` uncompiled (the
+    launcher turns it off unless the DeepSpeed config asks for it)."""
+    if not recipe.train.compile:
+        return range(0)
+    zero = recipe.parallel.deepspeed.get("zero_optimization") or {}
+    if recipe.parallel.engine == "deepspeed" and _zero_stage(recipe) == 3 and zero.get("memory_efficient_linear"):
+        return range(min(layers, RECOMPILE_LIMIT))
+    return range(layers)
 
 
 def _offloaded(recipe: Recipe) -> bool:
@@ -123,18 +136,15 @@ def estimate(
         parts["params+grads+adam"] = params + grads + master_and_adam
 
     # activations
-    per_layer = layer_activation_bytes(config, compiled=recipe.train.compile) * (low / 2)
-    ckpt = recipe.model.activation_checkpointing
-    checkpointed = len(range(0, layers, recipe.model.checkpoint_every)) if ckpt else 0
-    kept = (layers - checkpointed) * per_layer + checkpointed * low * h + (per_layer if checkpointed else 0)
+    compiled = compiled_layers(recipe, layers)
+    per_layer = [layer_activation_bytes(config, compiled=i in compiled) * (low / 2) for i in range(layers)]
+    every = recipe.model.checkpoint_every if recipe.model.activation_checkpointing else 0
+    checkpointed = set(range(0, layers, every)) if every else set()
+    # an uncheckpointed layer keeps its activations, a checkpointed one its input (and, while it is recomputed
+    # in backward, one layer's activations)
+    kept = sum(b for i, b in enumerate(per_layer) if i not in checkpointed) + len(checkpointed) * low * h
+    kept += max(per_layer) if checkpointed else 0
     parts["activations"] = tokens * (kept + 8 * h)  # + the final norm and the head's input
-    if recipe.parallel.engine == "deepspeed" and _zero_stage(recipe) == 3:
-        # DeepSpeed ZeRO-3 holds more during forward and backward than FSDP2 with the same model and batch,
-        # independent of the number of GPUs: peak minus between-step memory was 56.8 GiB against FSDP2's 43.2
-        # (1.1B shape, micro-batch 16 x 2048, compiled layers; 2x H200, 2026-11-28), 52.3 GiB with per-submodule
-        # gathers. Not explained by its buffers; fitted as bytes per token per uncheckpointed layer.
-        extra = ZERO3_EXTRA_PER_TOKEN_LAYER[recipe.parallel.zero3_layer_gather] * h
-        parts["ZeRO-3 overhead"] = tokens * (layers - checkpointed) * extra * (low / 2)
 
     # logits and loss
     if recipe.train.fused_loss:

@@ -68,6 +68,12 @@ def test_deepspeed_auto_values_are_filled_from_the_recipe(tmp_path):
     layer = 2 * 2048 * 2048 + 2 * 2048 * 256 + 3 * 2048 * 5632 + 2 * 2048
     assert ds["zero_optimization"]["stage3_prefetch_bucket_size"] == 2 * layer
     assert "auto" not in json.dumps(ds)
+    # torch's linear, so that torch.compile compiles one decoder layer function for all layers
+    assert ds["zero_optimization"]["memory_efficient_linear"] is False
+    kept = load_recipe(
+        RECIPE_DIR / "llama-1b-zero3.yaml", ["parallel.deepspeed.zero_optimization.memory_efficient_linear=true"]
+    )
+    assert fill_auto(kept, layout, config, torch.bfloat16, True)["zero_optimization"]["memory_efficient_linear"]
     off = load_recipe(RECIPE_DIR / "llama-1b-zero3.yaml", ["parallel.config=zero3-offload.json"])
     ds = fill_auto(off, off.batch_layout(8), config, dtype=torch.float32, cuda=False)
     assert ds["optimizer"]["params"]["torch_adam"] is False  # offloaded states need DeepSpeedCPUAdam

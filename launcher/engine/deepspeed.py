@@ -73,6 +73,18 @@ def fill_auto(
     for k, v in sizes.items():
         if zero.get(k) == "auto":
             zero[k] = v
+    if zero.get("stage") == 3:
+        # DeepSpeed's memory_efficient_linear (on by default) swaps torch's linear for an autograd function that
+        # reads each weight's ZeRO id: torch.compile then compiles the decoder layer again for every layer and
+        # gives up after 8 (torch._dynamo's recompile_limit), leaving the rest uncompiled. Off, every layer
+        # compiles: 1.1B shape, 1x H200, 57,405 -> ... tokens/s/GPU and 72.1 -> ... GiB (benchmarks/results/
+        # 2026-11-28-profile-1gpu-NVIDIA-H200.json). torch's linear keeps the same tensors for backward.
+        zero.setdefault("memory_efficient_linear", False)
+        if zero["memory_efficient_linear"] and t.compile:
+            log.warning(
+                "parallel.deepspeed.zero_optimization.memory_efficient_linear=true with train.compile: "
+                "only the first 8 decoder layers compile (each layer's weights change the compiled code)"
+            )
     return ds
 
 
