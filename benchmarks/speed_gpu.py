@@ -272,7 +272,7 @@ def table(runs: dict[str, dict]) -> str:
         if not tps:
             rows.append(f"| {name} | {r.get('gpus')} | | failed (rc {r.get('rc')}) | | | | | |")
             continue
-        ratio = f"{tps / base:.2f}" if base else ""
+        ratio = f"{tps / base:.2f}" if base and r.get("model") == "llama-1b" else ""
         est = r.get("memory_estimate_gib", "")
         wait = f"{100 * r['data_wait_frac']:.2f}%" if "data_wait_frac" in r else ""
         mfu = f"{100 * (r.get('mfu') or 0):.1f}%"
@@ -341,7 +341,9 @@ def main() -> int:
                 print(json.dumps({k: v for k, v in r.items() if k not in ("losses", "command")}), flush=True)
         base = record["runs"].get("baseline", {}).get("tokens_per_s_per_gpu")
         for run in record["runs"].values():
-            if base and run.get("tokens_per_s_per_gpu") and run is not record["runs"]["baseline"]:
+            # the baseline trains the 1.1B shape: no ratio for the 8B runs
+            same_model = run.get("model") == "llama-1b"
+            if base and same_model and run.get("tokens_per_s_per_gpu") and run is not record["runs"]["baseline"]:
                 run["x_baseline"] = round(run["tokens_per_s_per_gpu"] / base, 2)
         record["weak_scaling"] = weak_scaling(record["runs"])
         text = json.dumps(record, indent=2)
