@@ -86,7 +86,8 @@ def main() -> int:
         "date": datetime.date.today().isoformat(),
         "card": card,
         "command": " ".join(["python", "benchmarks/document_masking_gpu.py", *sys.argv[1:]]),
-        "git_revision": git.stdout.strip() if git.returncode == 0 else os.environ.get("CPT_GIT_REVISION", ""),
+        # a copied working tree may carry a stale .git: CPT_GIT_REVISION names what was really copied
+        "git_revision": os.environ.get("CPT_GIT_REVISION") or git.stdout.strip(),
         "model": {k: cfg_dict.get(k) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads")},
         "micro_batch": args.micro_batch,
         "mean_doc_tokens": args.doc_tokens,
