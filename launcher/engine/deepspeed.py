@@ -77,8 +77,9 @@ def fill_auto(
         # DeepSpeed's memory_efficient_linear (on by default) swaps torch's linear for an autograd function that
         # reads each weight's ZeRO id: torch.compile then compiles the decoder layer again for every layer and
         # gives up after 8 (torch._dynamo's recompile_limit), leaving the rest uncompiled. Off, every layer
-        # compiles: 1.1B shape, 1x H200, 57,405 -> ... tokens/s/GPU and 72.1 -> ... GiB (benchmarks/results/
-        # 2026-11-28-profile-1gpu-NVIDIA-H200.json). torch's linear keeps the same tensors for backward.
+        # compiles: 1.1B shape on 1x H200, 57,405 -> 71,373 tokens/s/GPU and 72.1 -> 60.3 GiB peak
+        # (benchmarks/results/2026-11-28-profile-1gpu-NVIDIA-H200.json, -speed-zero3-linear-). torch's linear
+        # keeps the same tensors for backward.
         zero.setdefault("memory_efficient_linear", False)
         if zero["memory_efficient_linear"] and t.compile:
             log.warning(
