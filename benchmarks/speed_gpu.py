@@ -66,6 +66,14 @@ RUNS: dict[str, Run] = {
     "zero3-1gpu-no-overlap": Run("zero3.json", 1, 16, [*FAST, f"{ZERO}overlap_comm=false"]),
     "zero3-1gpu-eager": Run("zero3.json", 1, 16, ["train.compile=false"]),
     "fsdp-1gpu-eager": Run("fsdp.yaml", 1, 16, ["train.compile=false"]),
+    # one option at a time against "fsdp"
+    "fsdp-plain-loss": Run("fsdp.yaml", 2, 16, ["train.compile=true", "train.fused_loss=false"]),
+    "fsdp-prefetch-0": Run("fsdp.yaml", 2, 16, [*FAST, "parallel.fsdp.prefetch_layers=0"]),
+    "fsdp-prefetch-2": Run("fsdp.yaml", 2, 16, [*FAST, "parallel.fsdp.prefetch_layers=2"]),
+    "fsdp-ckpt-every-2": Run(
+        "fsdp.yaml", 2, 16, [*FAST, "model.activation_checkpointing=true", "model.checkpoint_every=2"]
+    ),
+    "fsdp-reduce-bf16": Run("fsdp.yaml", 2, 16, [*FAST, "parallel.fsdp.reduce_dtype=bf16"]),
     "fsdp-4gpu": Run("fsdp.yaml", 4, 16, FAST),
     "zero3-4gpu": Run("zero3.json", 4, 16, FAST),
     "fsdp-8gpu": Run("fsdp.yaml", 8, 16, FAST),
