@@ -68,6 +68,8 @@ def top_ops(prof: profile, device: bool, n: int = TOP_OPS) -> list[dict[str, Any
     """The operators with the most self time on the device (GPU runs) or the host (CPU runs)."""
     rows = []
     for a in prof.key_averages():
+        if a.key.startswith("step "):  # our own step annotations span everything
+            continue
         dev_us = float(getattr(a, "self_device_time_total", 0) or 0)
         rows.append({"name": a.key, "calls": a.count, "self_device_ms": round(dev_us / 1e3, 3),
                      "self_cpu_ms": round(float(a.self_cpu_time_total) / 1e3, 3)})  # fmt: skip
@@ -86,7 +88,7 @@ class StepProfiler:
         self.rank = rank
         self.cuda = device.type == "cuda"
         self.prof: profile | None = None
-        self.wall: list[float] = []
+        self.wall: dict[int, float] = {}
 
     @contextlib.contextmanager
     def step(self, step: int) -> Iterator[None]:
@@ -102,7 +104,7 @@ class StepProfiler:
             yield
             if self.cuda:
                 torch.cuda.synchronize()
-        self.wall.append(time.perf_counter() - start)
+        self.wall[step] = time.perf_counter() - start
         if step == self.last:
             self._write()
 
@@ -117,10 +119,11 @@ class StepProfiler:
         with gzip.open(raw.with_suffix(".json.gz"), "wt") as f:
             json.dump(trace, f)
         raw.unlink()
-        summary = {"steps": [self.first, self.last], "step_wall_s": [round(w, 4) for w in self.wall],
+        # a run resumed inside the window profiles only the steps it ran
+        summary = {"steps": [min(self.wall), max(self.wall)], "step_wall_s": [round(w, 4) for w in self.wall.values()],
                    **trace_summary(trace), "top_ops": top_ops(prof, self.cuda)}  # fmt: skip
         (self.dir / f"rank{self.rank}.summary.json").write_text(json.dumps(summary, indent=2))
         if self.rank == 0:
             busy = summary.get("device_busy_frac")
             busy_text = f", GPU busy {100 * busy:.1f}% of {summary['window_s']} s" if busy is not None else ""
-            log.info("profile of steps %d-%d written to %s%s", self.first, self.last, self.dir, busy_text)
+            log.info("profile of steps %d-%d written to %s%s", *summary["steps"], self.dir, busy_text)
