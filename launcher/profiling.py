@@ -24,6 +24,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 log = logging.getLogger(__name__)
 
 TOP_OPS = 25
+STEP = "step "  # our annotation of each profiled step ("step 6")
 
 
 def busy_fraction(intervals: list[tuple[float, float]], start: float, end: float) -> float:
@@ -44,7 +45,7 @@ def trace_summary(trace: dict[str, Any]) -> dict[str, Any]:
     annotations: the share of it the GPU spent in compute kernels (communication kernels, NCCL's, counted apart:
     they may overlap compute) and the kernel seconds of each kind."""
     events = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X" and "dur" in e]
-    steps = [e for e in events if str(e.get("name", "")).startswith("step ") and e.get("cat") == "user_annotation"]
+    steps = [e for e in events if str(e.get("name", "")).startswith(STEP) and e.get("cat") == "user_annotation"]
     out: dict[str, Any] = {}
     if not steps:
         return out
@@ -68,7 +69,7 @@ def top_ops(prof: profile, device: bool, n: int = TOP_OPS) -> list[dict[str, Any
     """The operators with the most self time on the device (GPU runs) or the host (CPU runs)."""
     rows = []
     for a in prof.key_averages():
-        if a.key.startswith("step "):  # our own step annotations span everything
+        if a.key.startswith(STEP):  # our own step annotations span everything
             continue
         dev_us = float(getattr(a, "self_device_time_total", 0) or 0)
         rows.append({"name": a.key, "calls": a.count, "self_device_ms": round(dev_us / 1e3, 3),
@@ -100,7 +101,7 @@ class StepProfiler:
             self.prof = profile(activities=activities, record_shapes=False, with_stack=False)
             self.prof.__enter__()
         start = time.perf_counter()
-        with record_function(f"step {step}"):
+        with record_function(f"{STEP}{step}"):
             yield
             if self.cuda:
                 torch.cuda.synchronize()
@@ -113,12 +114,10 @@ class StepProfiler:
         prof, self.prof = self.prof, None
         prof.__exit__(None, None, None)
         self.dir.mkdir(parents=True, exist_ok=True)
-        raw = self.dir / f"rank{self.rank}.trace.json"
-        prof.export_chrome_trace(str(raw))
-        trace = json.loads(raw.read_text())
-        with gzip.open(raw.with_suffix(".json.gz"), "wt") as f:
-            json.dump(trace, f)
-        raw.unlink()
+        path = self.dir / f"rank{self.rank}.trace.json.gz"
+        prof.export_chrome_trace(str(path))  # compressed for a .gz name
+        with gzip.open(path, "rt") as f:
+            trace = json.load(f)
         # a run resumed inside the window profiles only the steps it ran
         summary = {"steps": [min(self.wall), max(self.wall)], "step_wall_s": [round(w, 4) for w in self.wall.values()],
                    **trace_summary(trace), "top_ops": top_ops(prof, self.cuda)}  # fmt: skip
