@@ -20,7 +20,7 @@ from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deep
 from ..callbacks.base import redact_values
 from ..config import BatchLayout, Recipe
 from ..launch import DistInfo
-from ..memory import REDUCE_BUCKET
+from ..memory import RECOMPILE_LIMIT, REDUCE_BUCKET
 from ..metrics import layer_param_count, param_count
 from ..model import apply_training_options, build_model, decoder_layer_classes
 from .base import Batch, Engine, forward_loss, lr_lambda
@@ -76,15 +76,16 @@ def fill_auto(
     if zero.get("stage") == 3:
         # DeepSpeed's memory_efficient_linear (on by default) swaps torch's linear for an autograd function that
         # reads each weight's ZeRO id: torch.compile then compiles the decoder layer again for every layer and
-        # gives up after 8 (torch._dynamo's recompile_limit), leaving the rest uncompiled. Off, every layer
-        # compiles: 1.1B shape on 1x H200, 57,405 -> 71,373 tokens/s/GPU and 72.1 -> 60.3 GiB peak
+        # gives up after RECOMPILE_LIMIT (torch._dynamo's recompile_limit), leaving the rest uncompiled. Off,
+        # every layer compiles: 1.1B shape on 1x H200, 57,405 -> 71,373 tokens/s/GPU and 72.1 -> 60.3 GiB peak
         # (benchmarks/results/2026-11-28-profile-1gpu-NVIDIA-H200.json, -speed-zero3-linear-). torch's linear
         # keeps the same tensors for backward.
         zero.setdefault("memory_efficient_linear", False)
         if zero["memory_efficient_linear"] and t.compile:
             log.warning(
-                "parallel.deepspeed.zero_optimization.memory_efficient_linear=true with train.compile: "
-                "only the first 8 decoder layers compile (each layer's weights change the compiled code)"
+                "parallel.deepspeed.zero_optimization.memory_efficient_linear=true with train.compile: only the "
+                "first %d decoder layers compile (each layer's weights change the compiled code)",
+                RECOMPILE_LIMIT,
             )
     return ds
 
