@@ -18,7 +18,6 @@ import argparse
 import datetime
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from benchmarks.e2e_gpu import git_revision  # noqa: E402
 from launcher.data import document_position_ids  # noqa: E402
 
 
@@ -81,13 +81,11 @@ def main() -> int:
     if args.layers:
         cfg_dict["num_hidden_layers"] = args.layers
     card = torch.cuda.get_device_name(0)
-    git = subprocess.run(["git", "rev-parse", "--verify", "HEAD"], capture_output=True, text=True, cwd=REPO)
     record: dict = {
         "date": datetime.date.today().isoformat(),
         "card": card,
         "command": " ".join(["python", "benchmarks/document_masking_gpu.py", *sys.argv[1:]]),
-        # a copied working tree may carry a stale .git: CPT_GIT_REVISION names what was really copied
-        "git_revision": os.environ.get("CPT_GIT_REVISION") or git.stdout.strip(),
+        "git_revision": git_revision(),
         "model": {k: cfg_dict.get(k) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads")},
         "micro_batch": args.micro_batch,
         "mean_doc_tokens": args.doc_tokens,

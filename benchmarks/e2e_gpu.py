@@ -41,6 +41,13 @@ def model_dir(out: Path, tokenizer: Path) -> Path:
     return d
 
 
+def git_revision() -> str:
+    """The revision that runs. ``CPT_GIT_REVISION`` first: a working tree copied to a GPU host may carry a stale
+    .git that names an older commit."""
+    git = subprocess.run(["git", "rev-parse", "--verify", "HEAD"], capture_output=True, text=True, cwd=REPO)
+    return os.environ.get("CPT_GIT_REVISION") or git.stdout.strip()
+
+
 def card() -> str:
     import torch
 
@@ -67,8 +74,7 @@ def main() -> int:
 
     gpus = torch.cuda.device_count()
     record = {"date": datetime.date.today().isoformat(), "card": card(), "gpus": gpus, "runs": {}}
-    git = subprocess.run(["git", "rev-parse", "--verify", "HEAD"], capture_output=True, text=True, cwd=REPO)
-    record["git_revision"] = git.stdout.strip() if git.returncode == 0 else os.environ.get("CPT_GIT_REVISION", "")
+    record["git_revision"] = git_revision()
     record["command"] = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
     for engine in args.engines:
         run_dir = out / engine

@@ -272,7 +272,6 @@ def weak_scaling(runs: dict[str, dict]) -> dict[str, float]:
 
 
 def table(runs: dict[str, dict]) -> str:
-    base = runs.get("baseline", {}).get("tokens_per_s_per_gpu")
     head = "| run | GPUs | micro/global batch | tokens/s/GPU | MFU | x baseline | peak GiB | estimate GiB | data wait |"
     rows = [head, "|---|---|---|---|---|---|---|---|---|"]
     for name, r in runs.items():
@@ -280,7 +279,7 @@ def table(runs: dict[str, dict]) -> str:
         if not tps:
             rows.append(f"| {name} | {r.get('gpus')} | | failed (rc {r.get('rc')}) | | | | | |")
             continue
-        ratio = f"{tps / base:.2f}" if base and r.get("model") == "llama-1b" else ""
+        ratio = f"{r['x_baseline']:.2f}" if "x_baseline" in r else ""
         est = r.get("memory_estimate_gib", "")
         wait = f"{100 * r['data_wait_frac']:.2f}%" if "data_wait_frac" in r else ""
         mfu = f"{100 * (r.get('mfu') or 0):.1f}%"
@@ -307,6 +306,8 @@ def main() -> int:
         help="profile these steps of every run (train.profile_steps; they are left out of the timing)",
     )
     args = p.parse_args()
+    from benchmarks.e2e_gpu import git_revision  # noqa: PLC0415
+
     t0 = time.time()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -314,14 +315,12 @@ def main() -> int:
     import torch
 
     card = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-    git = subprocess.run(["git", "rev-parse", "--verify", "HEAD"], capture_output=True, text=True, cwd=REPO)
     record: dict = {
         "date": datetime.date.today().isoformat(), "card": card, "gpus_on_host": torch.cuda.device_count(),
         "model": "llama 1.1B shape (recipes/models/llama-1b.json, 32K BPE vocabulary) unless a run names "
                  "llama3-8b (recipes/models/llama3-8b.json)", "seq_len": 2048,
         "precision": "bf16", "peak_tflops": 989,
-        # a copied working tree may carry a stale .git: CPT_GIT_REVISION names what was really copied
-        "git_revision": os.environ.get("CPT_GIT_REVISION") or git.stdout.strip(),
+        "git_revision": git_revision(),
         "command": " ".join(["python", "benchmarks/speed_gpu.py", *sys.argv[1:]]), "runs": {},
     }  # fmt: skip
     env = {**os.environ, "NCCL_NVLS_ENABLE": "0", "TOKENIZERS_PARALLELISM": "false"}
