@@ -47,6 +47,7 @@ def main() -> int:
 
     from launcher.data.packing import pack
     from launcher.metrics import flops_per_token, memory_stats, mfu, peak_flops
+    from launcher.model import param_counts
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -124,7 +125,7 @@ def main() -> int:
     steady = timer.times[args.warmup :] or timer.times
     step_time = sum(steady) / len(steady)
     tokens_per_gpu = args.global_batch * args.seq_len / world / step_time
-    fpt = flops_per_token(config, args.seq_len)
+    fpt = flops_per_token(config, args.seq_len, param_counts(config).total)
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     record = {
         "engine": "hf-trainer+deepspeed-zero3",

@@ -177,10 +177,10 @@ def ours(
     env: dict[str, str],
     profile: list[int] | None = None,
 ) -> dict:
-    from launcher.config import load_recipe
     from launcher.memory import GIB, estimate
     from launcher.metrics import flops_per_token, mfu
-    from launcher.model import load_config
+    from launcher.model import load_config, param_counts
+    from launcher.preflight import load_recipe
 
     run = RUNS[name]
     gpus, mb, timeout = run.gpus, run.micro_batch, timeout * run.slow
@@ -224,7 +224,7 @@ def ours(
     peak = 989e12
     record.update(
         steps_measured=len(steady), step_time_s=round(step_time, 4), tokens_per_s_per_gpu=round(per_gpu),
-        mfu=round(mfu(per_gpu, flops_per_token(cfg, recipe.data.seq_len), peak) or 0, 4),
+        mfu=round(mfu(per_gpu, flops_per_token(cfg, recipe.data.seq_len, param_counts(cfg).total), peak) or 0, 4),
         data_wait_frac=round(sum(x["data_wait"] for x in steady) / sum(x["step_time"] for x in steady), 4),
         peak_mem_gib=round(max(x.get("mem_peak_gib", 0) for x in train), 2),
         # allocated between steps: the model states (parameters, gradients, optimizer) and their buffers

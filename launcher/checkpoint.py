@@ -14,8 +14,6 @@ import os
 import random
 import re
 import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +22,10 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
 from .config import to_yaml
-from .engine import Engine
+from .engine import Engine, plan_for
+from .files import atomic_write, os_error_in, torch_save, write_text
 from .launch import DistInfo
+from .model import save_hf_model
 
 log = logging.getLogger(__name__)
 
@@ -80,29 +80,6 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return choice
 
 
-@contextmanager
-def safe_loading() -> Iterator[None]:
-    """Loads inside use ``torch.load(weights_only=True)``: tensors and plain data only, plus the few DeepSpeed
-    value types its checkpoints hold. Nothing else in a checkpoint is unpickled, so a tampered checkpoint cannot
-    run code. DeepSpeed itself loads with ``weights_only=False``, hence the override."""
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    original = torch.load
-
-    def load(*args, **kwargs):
-        kwargs["weights_only"] = True
-        return original(*args, **kwargs)
-
-    with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
-        torch.load = load  # type: ignore[assignment]
-        try:
-            yield
-        finally:
-            torch.load = original
-
-
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
@@ -143,8 +120,7 @@ def save(
         return final
     tmp = root / f"step-{step}.tmp"
     try:
-        with _torch_save_reports_os_errors():
-            _write_and_commit(engine, info, tmp, final, step, trainer_state, data_state, tokenizer)
+        _write_and_commit(engine, info, tmp, final, step, trainer_state, data_state, tokenizer)
     except (Exception, CheckpointException) as e:
         cause = os_error_of(e)
         if cause is None:
@@ -152,7 +128,7 @@ def save(
         raise CheckpointError(_write_failure(tmp, output_dir, cause)) from e
     if info.rank == 0:
         try:
-            _write_atomic(root / "latest", final.name + "\n")
+            atomic_write(root / "latest", final.name + "\n")
         except OSError as e:
             log.warning("checkpoint %s is committed but %s could not be updated: %s", final, root / "latest", e)
         # Old checkpoints go only once the new one is committed.
@@ -175,20 +151,20 @@ def _write_and_commit(
         tmp.mkdir(parents=True)
     _barrier()
     engine.save(tmp)
-    _write_text(tmp / f"data-rank{info.rank}.json", json.dumps(data_state))
-    torch.save(_rng_state(), tmp / f"rng-rank{info.rank}.pt")
+    write_text(tmp / f"data-rank{info.rank}.json", json.dumps(data_state))
+    torch_save(_rng_state(), tmp / f"rng-rank{info.rank}.pt")
     _barrier()
     if info.rank == 0:
         engine.config.save_pretrained(tmp / "hf")
         tokenizer.save_pretrained(tmp / "hf")
-        _write_text(tmp / "resolved_recipe.yaml", to_yaml(engine.recipe))
+        write_text(tmp / "resolved_recipe.yaml", to_yaml(engine.recipe))
         # The manifest records every file's size, so a truncated file is caught before a resume trusts it;
         # trainer_state.json comes last and the rename commits the whole directory at once.
         files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
-        _write_json(tmp / MANIFEST, files)
+        atomic_write(tmp / MANIFEST, json.dumps(files, indent=2))
         state = {**trainer_state, "step": step, "world_size": info.world_size, "engine": engine.recipe.parallel.engine,
                  "dtype": str(engine.dtype).removeprefix("torch.")}  # fmt: skip
-        _write_json(tmp / "trainer_state.json", state)
+        atomic_write(tmp / "trainer_state.json", json.dumps(state, indent=2))
         os.replace(tmp, final)
 
 
@@ -198,7 +174,7 @@ class CheckpointError(RuntimeError):
 
 
 def os_error_of(error: BaseException) -> OSError | None:
-    """The OS error behind ``error``: itself, its causes and contexts, or a rank's failure reported by
+    """The OS error behind ``error``: in its chain of causes, or in a rank's failure reported by
     torch.distributed.checkpoint (which collects every rank's exception); one that names its file first."""
     seen: set[int] = set()
     found: list[OSError] = []
@@ -208,8 +184,8 @@ def os_error_of(error: BaseException) -> OSError | None:
         if e is None or id(e) in seen:
             continue
         seen.add(id(e))
-        if isinstance(e, OSError):
-            found.append(e)
+        if (cause := os_error_in(e)) is not None:
+            found.append(cause)
         if isinstance(e, CheckpointException):
             todo += [f[0] if isinstance(f, tuple) else f for f in e.failures.values()]
         todo += [e.__cause__, e.__context__]
@@ -232,58 +208,6 @@ def _write_failure(tmp: Path, output_dir: str | Path, cause: OSError) -> str:
     )
 
 
-@contextmanager
-def _torch_save_reports_os_errors() -> Iterator[None]:
-    """``torch.save`` to a path writes through a Python file, and an OS error while writing is raised as that
-    OSError, naming the file. torch's own writer turns it into "file write failed" or a position mismatch,
-    which names neither the file nor the reason. Stream writes (torch.distributed.checkpoint) get the same."""
-    original = torch.save
-
-    def save(obj, f, *args, **kwargs):
-        name = os.fspath(f) if isinstance(f, (str, os.PathLike)) else getattr(f, "name", None)
-        try:
-            if isinstance(f, (str, os.PathLike)):
-                with open(f, "wb") as stream:
-                    original(obj, stream, *args, **kwargs)
-            else:
-                original(obj, f, *args, **kwargs)
-        except (OSError, RuntimeError) as e:
-            cause = os_error_of(e)
-            if cause is None or (cause is e and cause.filename):
-                raise
-            raise OSError(cause.errno, cause.strerror, cause.filename or name) from e
-
-    torch.save = save  # type: ignore[assignment]
-    try:
-        yield
-    finally:
-        torch.save = original
-
-
-def _write_text(path: Path, text: str, sync: bool = False) -> None:
-    """Write ``text``; an OSError always names the file (a full disk reports none of its own)."""
-    try:
-        with open(path, "w") as f:
-            f.write(text)
-            if sync:
-                f.flush()
-                os.fsync(f.fileno())
-    except OSError as e:
-        if e.filename:
-            raise
-        raise OSError(e.errno, e.strerror, str(path)) from e
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    _write_text(tmp, text, sync=True)
-    os.replace(tmp, path)
-
-
-def _write_json(path: Path, data: Any) -> None:
-    _write_atomic(path, json.dumps(data, indent=2))
-
-
 def load(engine: Engine, info: DistInfo, path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """Restore engine, RNG; return (trainer_state, this rank's data state). Collective.
 
@@ -304,8 +228,7 @@ def load(engine: Engine, info: DistInfo, path: Path) -> tuple[dict[str, Any], di
             f"(e.g. parallel.nproc_per_node={saved} on one machine), or point output_dir somewhere else to "
             "start a new run from the base model."
         )
-    with safe_loading():
-        engine.load(path)
+    engine.load(path)
     data_state = json.loads((path / f"data-rank{info.rank}.json").read_text())
     _set_rng_state(torch.load(path / f"rng-rank{info.rank}.pt", weights_only=True))
     return state, data_state
@@ -313,30 +236,12 @@ def load(engine: Engine, info: DistInfo, path: Path) -> tuple[dict[str, Any], di
 
 def export(checkpoint: Path, out_dir: Path, max_shard_size: str = "5GB") -> Path:
     """A consolidated Hugging Face model from a checkpoint, in one process, without a process group."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    from .model import save_hf_model
+    from transformers import AutoConfig, AutoTokenizer
 
     checkpoint = Path(checkpoint)
     state = json.loads((checkpoint / "trainer_state.json").read_text())
     config = AutoConfig.from_pretrained(checkpoint / "hf")
     tokenizer = AutoTokenizer.from_pretrained(checkpoint / "hf")
     dtype = getattr(torch, state.get("dtype", "float32"))
-    if state["engine"] == "fsdp":
-        import torch.distributed.checkpoint as dcp
-
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        sd = {k: torch.empty(v.shape, dtype=v.dtype) for k, v in model.state_dict().items()}
-        holder = {"model": sd}
-        dcp.load(holder, checkpoint_id=str(checkpoint))
-        sd = holder["model"]
-    elif not any(checkpoint.glob("*optim_states.pt")):
-        # ZeRO-0 without a DeepSpeed optimizer wrapper: the module's weights are whole in the model-states file.
-        sd = torch.load(checkpoint / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)["module"]
-    else:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        with safe_loading():
-            sd = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
+    sd = plan_for(state["engine"]).export_state_dict(checkpoint, config)
     return save_hf_model(sd, config, tokenizer, out_dir, dtype, max_shard_size=max_shard_size)

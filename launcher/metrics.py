@@ -38,14 +38,13 @@ def _text_config(config: Any) -> Any:
     return get() if callable(get) else config
 
 
-def _shape(config: Any) -> dict[str, Any]:
+def model_shape(config: Any) -> dict[str, Any]:
     c = _text_config(config)
     hidden = int(_get(c, "hidden_size"))
     heads = int(_get(c, "num_attention_heads"))
     kv_heads = _get(c, "num_key_value_heads") or heads
     head_dim = _get(c, "head_dim") or hidden // heads
     return {
-        "model_type": _get(c, "model_type", ""),
         "vocab": int(_get(c, "vocab_size")),
         "hidden": hidden,
         "layers": int(_get(c, "num_hidden_layers")),
@@ -54,50 +53,19 @@ def _shape(config: Any) -> dict[str, Any]:
         "head_dim": int(head_dim),
         "intermediate": int(_get(c, "intermediate_size")),
         "tied": bool(_get(c, "tie_word_embeddings", False)),
-        "attention_bias": bool(_get(c, "attention_bias", False)),
-        "mlp_bias": bool(_get(c, "mlp_bias", False)),
     }
 
 
-def param_count(model_config: Any) -> int:
-    """Parameters of a dense Llama-style decoder (Llama, Mistral, Qwen2/3 and kin) built from its config.
-
-    Lets MFU be computed before (or without) materialising the model. For other architectures count the
-    parameters of the built model and pass ``n_params`` to :func:`flops_per_token`.
-    """
-    s = _shape(model_config)
-    h, d, ffn = s["hidden"], s["head_dim"], s["intermediate"]
-    q_out, kv_out = s["heads"] * d, s["kv_heads"] * d
-    qkv_bias = s["attention_bias"] or s["model_type"] == "qwen2"
-    o_bias = s["attention_bias"] and s["model_type"] != "qwen2"
-    attn = h * q_out + 2 * h * kv_out + q_out * h
-    attn += (q_out + 2 * kv_out if qkv_bias else 0) + (h if o_bias else 0)
-    if s["model_type"] == "qwen3":
-        attn += 2 * d  # per-head RMSNorm on queries and keys
-    mlp = 3 * h * ffn + ((2 * ffn + h) if s["mlp_bias"] else 0)
-    per_layer = attn + mlp + 2 * h
-    embed = s["vocab"] * h
-    lm_head = 0 if s["tied"] else s["vocab"] * h
-    return embed + s["layers"] * per_layer + h + lm_head
-
-
-def layer_param_count(model_config: Any) -> int:
-    """Parameters of one decoder layer (the unit FSDP2 shards and ZeRO-3 gathers at once)."""
-    s = _shape(model_config)
-    outside = s["vocab"] * s["hidden"] * (1 if s["tied"] else 2) + s["hidden"]
-    return (param_count(model_config) - outside) // s["layers"]
-
-
-def flops_per_token(model_config: Any, seq_len: int, *, n_params: int | None = None) -> float:
+def flops_per_token(model_config: Any, seq_len: int, n_params: int) -> float:
     """Training FLOPs per token (forward + backward): ``6 * (N - N_embedding) + 12 * L * H * Q * T``.
 
-    ``N`` is ``n_params`` when given (the counted parameters of the built model), else :func:`param_count`.
-    ``N_embedding`` is the input embedding only. With tied embeddings the shared matrix is counted once in
+    ``N`` is ``n_params``, the model's parameter count (:func:`launcher.model.param_counts`). ``N_embedding`` is
+    the input embedding only. With tied embeddings the shared matrix is counted once in
     ``N`` but used twice, so its lm_head matmul is added back: a tied model does the same compute per token
     as its untied twin.
     """
-    s = _shape(model_config)
-    n = param_count(model_config) if n_params is None else int(n_params)
+    s = model_shape(model_config)
+    n = int(n_params)
     embedding = s["vocab"] * s["hidden"]
     dense = n - embedding + (embedding if s["tied"] else 0)
     attention = 12 * s["layers"] * s["heads"] * s["head_dim"] * int(seq_len)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -66,47 +67,6 @@ def build_model(recipe: Recipe, config: PretrainedConfig, dtype: torch.dtype) ->
     return model
 
 
-def apply_training_options(model: Any, recipe: Recipe, compile_layers: bool = True) -> dict[str, object]:
-    """What the recipe asks of the model itself, before it is sharded: activation checkpointing (every k-th
-    decoder layer), the fused output projection + loss, and torch.compile of each decoder layer's forward.
-
-    Compiling ``forward`` rather than the module keeps the engines' hooks (all-gather before, reshard after)
-    outside the compiled code and the state-dict names unchanged, so checkpoints do not depend on it."""
-    from .engine.loss import install_fused_loss
-
-    m, t = recipe.model, recipe.train
-    layers = decoder_layers(model)
-    checkpointed = 0
-    if m.activation_checkpointing:
-        # transformers renamed gradient_checkpointing_enable (deprecated from 5.2x on)
-        enable = getattr(model, "activation_checkpointing_enable", None)
-        if enable is not None:
-            enable({"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        selective = all(hasattr(layer, "gradient_checkpointing") for layer in layers)
-        if m.checkpoint_every > 1 and not selective:
-            log.warning("model.checkpoint_every: %s checkpoints all its layers or none", type(model).__name__)
-        for i, layer in enumerate(layers):
-            keep = i % m.checkpoint_every == 0 or not selective
-            if selective:
-                layer.gradient_checkpointing = keep
-            checkpointed += keep
-    fused = install_fused_loss(model) if t.fused_loss else False
-    compiled = t.compile and compile_layers
-    if compiled:
-        for layer in layers:
-            layer.forward = torch.compile(layer.forward)
-    applied: dict[str, object] = {
-        "checkpointed_layers": checkpointed,
-        "layers": len(layers),
-        "fused_loss": fused,
-        "compiled": compiled,
-    }
-    log.info("model options: %s", applied)
-    return applied
-
-
 def decoder_layer_classes(model: nn.Module) -> tuple[type, ...]:
     """The repeated block classes (LlamaDecoderLayer, ...) that sharding wraps one by one."""
     names = set(getattr(model, "_no_split_modules", None) or [])
@@ -123,15 +83,34 @@ def decoder_layers(model: nn.Module) -> list[Any]:
 
 
 def count_parameters(model: nn.Module) -> int:
-    """Parameters of the full model, also when they are sharded (ZeRO-3 keeps ds_numel, FSDP2 DTensors)."""
-    seen: set[int] = set()
-    total = 0
-    for p in model.parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        total += getattr(p, "ds_numel", None) or p.numel()
-    return total
+    """Parameters of ``model``, each shared one counted once: the one counter of the package. On the meta device,
+    and for FSDP2's DTensors (whose ``numel`` is the whole parameter's), it counts the full model."""
+    return sum(p.numel() for p in model.parameters())
+
+
+@dataclass(frozen=True)
+class ParamCounts:
+    total: int
+    """Parameters of the whole model (shared ones once)."""
+    layer: int
+    """Parameters of one decoder layer: the unit FSDP2 shards and ZeRO-3 gathers at once."""
+    layers: int
+    """Number of decoder layers."""
+
+
+_COUNTS: dict[str, ParamCounts] = {}
+
+
+def param_counts(config: PretrainedConfig, trust_remote_code: bool = False) -> ParamCounts:
+    """Parameter counts of the model ``config`` describes, from the model itself built on the meta device (no
+    memory, any architecture transformers knows)."""
+    key = config.to_json_string(use_diff=False)
+    if key not in _COUNTS:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        layers = decoder_layers(model)
+        _COUNTS[key] = ParamCounts(count_parameters(model), count_parameters(layers[0]), len(layers))
+    return _COUNTS[key]
 
 
 def save_hf_model(

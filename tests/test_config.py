@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from launcher.config import DS_CONFIG_DIR, RECIPE_DIR, ConfigError, Recipe, load_recipe, to_yaml
+from launcher.config import DS_CONFIG_DIR, RECIPE_DIR, ConfigError, Recipe, to_yaml
+from launcher.preflight import load_recipe
 
 RECIPES = sorted(RECIPE_DIR.glob("*.yaml"))
 ENGINE_CONFIGS = sorted(p for p in DS_CONFIG_DIR.iterdir() if p.suffix in (".json", ".yaml"))
@@ -51,12 +52,15 @@ def test_deepspeed_auto_values_are_filled_from_the_recipe(tmp_path):
     import torch
     from transformers import AutoConfig
 
-    from launcher.engine.deepspeed import fill_auto
+    from launcher.engine.deepspeed_plan import fill_auto
+    from launcher.model import param_counts
 
     r = load_recipe(RECIPE_DIR / "llama-1b-zero3.yaml", ["train.grad_clip=0.5", "train.lr=2e-4"])
     layout = r.batch_layout(16)
     config = AutoConfig.from_pretrained(RECIPE_DIR / "models" / "llama-1b.json")
-    ds = fill_auto(r, layout, config, dtype=torch.bfloat16, cuda=True)
+    counts = param_counts(config)
+    model = (counts.total, counts.layer, config.hidden_size)
+    ds = fill_auto(r, layout, *model, dtype=torch.bfloat16, cuda=True)
     assert ds["train_micro_batch_size_per_gpu"] == 8
     assert ds["gradient_accumulation_steps"] == 512 // (8 * 16) == layout.grad_accum
     assert ds["train_batch_size"] == 512
@@ -73,9 +77,9 @@ def test_deepspeed_auto_values_are_filled_from_the_recipe(tmp_path):
     kept = load_recipe(
         RECIPE_DIR / "llama-1b-zero3.yaml", ["parallel.deepspeed.zero_optimization.memory_efficient_linear=true"]
     )
-    assert fill_auto(kept, layout, config, torch.bfloat16, True)["zero_optimization"]["memory_efficient_linear"]
+    assert fill_auto(kept, layout, *model, torch.bfloat16, True)["zero_optimization"]["memory_efficient_linear"]
     off = load_recipe(RECIPE_DIR / "llama-1b-zero3.yaml", ["parallel.config=zero3-offload.json"])
-    ds = fill_auto(off, off.batch_layout(8), config, dtype=torch.float32, cuda=False)
+    ds = fill_auto(off, off.batch_layout(8), *model, dtype=torch.float32, cuda=False)
     assert ds["optimizer"]["params"]["torch_adam"] is False  # offloaded states need DeepSpeedCPUAdam
     assert ds["bf16"]["enabled"] is False
 
@@ -193,4 +197,4 @@ def test_cli_plan_prints_layout_and_exits_nonzero_on_bad_input(tmp_path):
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert bad.returncode == 2
-    assert "train.seq_len: unknown key (did you mean 'seed'?)" in bad.stderr or "train.seq_len" in bad.stderr
+    assert "train.seq_len: unknown key (did you mean 'data.seq_len'?)" in bad.stderr

@@ -9,7 +9,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from launcher.config import ConfigError, Recipe, load_recipe
+from launcher.config import ConfigError, Recipe
+from launcher.preflight import load_recipe
 
 
 def schema_keys(tp=Recipe) -> list[str]:

@@ -117,7 +117,7 @@ def test_fused_head_gives_the_models_loss_and_leaves_the_model_as_it_was(assets)
 def test_selective_activation_checkpointing_marks_every_kth_layer(assets):
     from transformers import AutoModelForCausalLM
 
-    from launcher.model import apply_training_options
+    from launcher.engine.options import apply_training_options
 
     model = AutoModelForCausalLM.from_pretrained(assets["base"])
     recipe = Recipe()

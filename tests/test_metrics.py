@@ -6,7 +6,8 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 
-from launcher.metrics import Throughput, flops_per_token, memory_stats, mfu, param_count, peak_flops
+from launcher.metrics import Throughput, flops_per_token, memory_stats, mfu, peak_flops
+from launcher.model import param_counts
 
 TINYLLAMA = dict(
     hidden_size=2048,
@@ -32,9 +33,9 @@ def tiny(model_type: str = "llama", **kw) -> AutoConfig:
 
 def test_1b_anchor_params_and_mfu():
     cfg = LlamaConfig(**TINYLLAMA, tie_word_embeddings=False)
-    n = param_count(cfg)
-    assert abs(n - 1.10e9) / 1.10e9 < 0.01
-    f = flops_per_token(cfg, 2048)
+    n = param_counts(cfg).total
+    assert abs(n - 1.10e9) / 1.10e9 < 0.01  # TinyLlama-1.1B's published size
+    f = flops_per_token(cfg, 2048, n)
     assert f == 6 * (n - 32000 * 2048) + 12 * 22 * 32 * 64 * 2048
     assert mfu(13_980, f, 989e12) == pytest.approx(0.103, abs=0.001)
 
@@ -42,16 +43,16 @@ def test_1b_anchor_params_and_mfu():
 def test_tied_and_untied_differ_by_the_lm_head():
     untied = LlamaConfig(**TINYLLAMA, tie_word_embeddings=False)
     tied = LlamaConfig(**TINYLLAMA, tie_word_embeddings=True)
-    assert param_count(untied) - param_count(tied) == 32000 * 2048
+    n_untied, n_tied = param_counts(untied).total, param_counts(tied).total
+    assert n_untied - n_tied == 32000 * 2048
     # The lm_head matmul runs either way, so the compute per token is the same.
-    assert flops_per_token(tied, 2048) == flops_per_token(untied, 2048)
+    assert flops_per_token(tied, 2048, n_tied) == flops_per_token(untied, 2048, n_untied)
 
 
-def test_n_params_keyword_overrides_the_analytic_count():
+def test_every_parameter_costs_six_flops_per_token():
     cfg = LlamaConfig(**TINYLLAMA)
-    n = param_count(cfg)
-    assert flops_per_token(cfg, 2048, n_params=n) == flops_per_token(cfg, 2048)
-    assert flops_per_token(cfg, 2048, n_params=n + 1000) == flops_per_token(cfg, 2048) + 6000
+    n = param_counts(cfg).total
+    assert flops_per_token(cfg, 2048, n + 1000) - flops_per_token(cfg, 2048, n) == 6000
 
 
 @pytest.mark.parametrize(
@@ -65,11 +66,14 @@ def test_n_params_keyword_overrides_the_analytic_count():
         ("qwen3", {"head_dim": 12}),
     ],
 )
-def test_analytic_count_equals_the_built_model(model_type, kw):
+def test_counts_equal_the_built_models(model_type, kw):
     cfg = tiny(model_type, **kw)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg)
-    assert param_count(cfg) == sum(p.numel() for p in model.parameters())
+    counts = param_counts(cfg)
+    assert counts.total == sum(p.numel() for p in model.parameters())
+    assert counts.layer == sum(p.numel() for p in model.model.layers[0].parameters())
+    assert counts.layers == len(model.model.layers)
 
 
 def test_peak_flops(monkeypatch):

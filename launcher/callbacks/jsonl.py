@@ -7,7 +7,8 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
-from launcher.callbacks.base import Callback, RunInfo, atomic_write_text, plain, read_metrics
+from launcher.callbacks.base import Callback, RunInfo, plain, read_metrics
+from launcher.files import atomic_write
 
 METRICS_FILE = "metrics.jsonl"
 EVAL_RESULTS_FILE = "eval_results.json"
@@ -34,7 +35,7 @@ class MetricsJsonl(Callback):
         self.eval_path = out / EVAL_RESULTS_FILE
         if self.path.exists():
             kept = [r for r in read_metrics(self.path) if r["step"] <= run.start_step] if run.resumed else []
-            atomic_write_text(self.path, "".join(_line(r) for r in kept))
+            atomic_write(self.path, "".join(_line(r) for r in kept))
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (open until on_train_end)
 
     def on_step(self, step: int, metrics: dict[str, float]) -> None:
@@ -44,7 +45,7 @@ class MetricsJsonl(Callback):
         results = plain(results)
         self._write({"step": int(step), "eval": results, "time": time.time()})
         assert self.eval_path is not None
-        atomic_write_text(self.eval_path, json.dumps(results, indent=2, sort_keys=True) + "\n")
+        atomic_write(self.eval_path, json.dumps(results, indent=2, sort_keys=True) + "\n")
 
     def on_train_end(self, run: RunInfo, final_dir: Path | None) -> None:
         if self._file is not None:

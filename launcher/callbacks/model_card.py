@@ -2,29 +2,18 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from launcher.callbacks.base import Callback, RunInfo, atomic_write_text, finite, read_metrics, redact_text, run_name
+from launcher.callbacks.base import Callback, RunInfo, finite, read_metrics, run_name
 from launcher.callbacks.jsonl import METRICS_FILE
 from launcher.config import Recipe
+from launcher.files import atomic_write, is_hub_id
+from launcher.redact import redact_text
 
 CARD_FILE = "README.md"
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_DATA_SUFFIXES = {".jsonl", ".json", ".parquet", ".txt", ".gz", ".zst", ".csv", ".arrow", ".tsv"}
-
-
-def looks_like_hub_id(name: str | None) -> bool:
-    """``org/name`` that is not a local path or data file: safe to cite as Hub metadata."""
-    return bool(
-        name
-        and _HUB_ID.match(name)
-        and not Path(name).expanduser().exists()
-        and Path(name).suffix.lower() not in _DATA_SUFFIXES
-    )
 
 
 class ModelCard(Callback):
@@ -48,9 +37,9 @@ class ModelCard(Callback):
         metrics_file = out / METRICS_FILE
         records = read_metrics(metrics_file) if metrics_file.exists() else self._records
         text = render_model_card(run, records, final_dir)
-        atomic_write_text(out / CARD_FILE, text)
+        atomic_write(out / CARD_FILE, text)
         if final_dir is not None and Path(final_dir).is_dir():
-            atomic_write_text(Path(final_dir) / CARD_FILE, text)
+            atomic_write(Path(final_dir) / CARD_FILE, text)
 
 
 def render_model_card(run: RunInfo, records: list[dict[str, Any]], final_dir: Path | None) -> str:
@@ -66,7 +55,7 @@ def render_model_card(run: RunInfo, records: list[dict[str, Any]], final_dir: Pa
     lines = ["---", _front_matter(r).rstrip(), "---", "", f"# {name}", ""]
     base = r.model.name_or_path
     if base:
-        shown = f"[{base}](https://huggingface.co/{base})" if looks_like_hub_id(base) else f"`{redact_text(base)}`"
+        shown = f"[{base}](https://huggingface.co/{base})" if is_hub_id(base) else f"`{redact_text(base)}`"
         lines.append(f"Continual pretraining of {shown} with a causal language-modelling objective.")
     else:
         lines.append(f"Trained from scratch (random initialisation from `{redact_text(r.model.from_config or '')}`).")
@@ -107,10 +96,10 @@ def out_final(run: RunInfo) -> Path:
 
 def _front_matter(r: Recipe) -> str:
     meta: dict[str, Any] = {"library_name": "transformers"}
-    if looks_like_hub_id(r.model.name_or_path):
+    if is_hub_id(r.model.name_or_path):
         meta["base_model"] = r.model.name_or_path
     meta["tags"] = ["continual-pretraining"]
-    datasets = sorted({s.path for s in [*r.data.train, *r.eval.sets.values()] if looks_like_hub_id(s.path)})
+    datasets = sorted({s.path for s in [*r.data.train, *r.eval.sets.values()] if is_hub_id(s.path)})
     if datasets:
         meta["datasets"] = datasets
     meta["pipeline_tag"] = "text-generation"

@@ -6,8 +6,9 @@ import os
 import tempfile
 from pathlib import Path
 
-from launcher.callbacks.base import Callback, RunInfo, finite, publish, read_metrics, run_name
+from launcher.callbacks.base import Callback, RunInfo, finite, read_metrics, run_name
 from launcher.callbacks.jsonl import METRICS_FILE
+from launcher.files import publish
 
 PLOT_FILE = "loss.png"
 

@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
-import contextlib
 import netrc
 import os
 import secrets
+import socket
 import string
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from launcher.callbacks.base import Callback, RunInfo, atomic_write_text, redact_args, run_name, scrub
+from launcher.callbacks.base import Callback, RunInfo, run_name
 from launcher.config import LoggingConfig, Recipe, to_dict
+from launcher.files import atomic_write
+from launcher.redact import redact_text, scrub
 
 RUN_ID_FILE = "wandb_run_id"
 _ENV_MODES = {"online": "online", "offline": "offline", "dryrun": "offline", "disabled": "disabled"}
@@ -56,17 +57,6 @@ def wandb_mode(logging: LoggingConfig) -> str:
     return mode
 
 
-@contextlib.contextmanager
-def _redacted_argv() -> Iterator[None]:
-    """W&B records the command line in the run's metadata; mask secret values in it while it does."""
-    saved = sys.argv
-    sys.argv = [*saved[:1], *redact_args(saved[1:])]
-    try:
-        yield
-    finally:
-        sys.argv = saved
-
-
 class WandbCallback(Callback):
     """Logs train metrics as ``train/<name>`` and eval results as ``eval/<set>/loss|perplexity|tokens``.
 
@@ -92,13 +82,15 @@ class WandbCallback(Callback):
         run_id = id_file.read_text().strip() if run.resumed and id_file.is_file() else ""
         if not run_id:
             run_id = _new_run_id()
-            atomic_write_text(id_file, run_id + "\n")
+            atomic_write(id_file, run_id + "\n")
         extra = {
             "world_size": run.world_size,
             "grad_accum": run.grad_accum,
             "global_batch_size": run.global_batch_size,
             "tokens_per_step": run.tokens_per_step,
             "n_params": run.n_params,
+            "command": redact_text(run.command),
+            "host": socket.gethostname(),
         }
         config = scrub({**to_dict(self.recipe), "run": extra})
         try:
@@ -119,19 +111,21 @@ class WandbCallback(Callback):
             disable_git=True,
             disable_code=True,
             save_code=False,
+            # W&B's run metadata records the process's command line as it is, secrets included; the command is
+            # in the config instead (``run.command``), with secret values masked.
+            x_disable_meta=True,
         )
-        with _redacted_argv():
-            return wandb.init(
-                project=log.project,
-                entity=log.entity,
-                name=run_name(self.recipe),
-                tags=list(log.tags) or None,
-                id=run_id,
-                resume="allow",
-                dir=str(out),
-                config=config,
-                settings=settings,
-            )
+        return wandb.init(
+            project=log.project,
+            entity=log.entity,
+            name=run_name(self.recipe),
+            tags=list(log.tags) or None,
+            id=run_id,
+            resume="allow",
+            dir=str(out),
+            config=config,
+            settings=settings,
+        )
 
     def on_step(self, step: int, metrics: dict[str, float]) -> None:
         if self.run is None:

@@ -1,4 +1,9 @@
-"""The one place that decides how the model is sharded: DeepSpeed ZeRO or FSDP2, by ``parallel.engine``."""
+"""The one place that decides how the model is sharded: DeepSpeed ZeRO or FSDP2, by ``parallel.engine``.
+
+Each engine answers for itself in two halves: a plan (:mod:`~launcher.engine.plan`: config checks and fills,
+memory, export; cheap to import) and the engine that trains (:class:`~launcher.engine.base.Engine`: build and
+shard, step, save, load, gather). Nothing outside this package branches on the engine's name.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +12,18 @@ from transformers import PretrainedConfig
 from ..config import BatchLayout, Recipe
 from ..launch import DistInfo
 from .base import Batch, Engine, causal_lm_loss, lr_lambda, resolve_dtype
+from .deepspeed_plan import DeepSpeedPlan
+from .fsdp_plan import FsdpPlan
+from .plan import EnginePlan
 
-__all__ = ["Batch", "Engine", "build_engine", "causal_lm_loss", "lr_lambda", "resolve_dtype"]
+__all__ = ["Batch", "Engine", "EnginePlan", "build_engine", "causal_lm_loss", "lr_lambda", "plan_for", "resolve_dtype"]
+
+PLANS: dict[str, type[EnginePlan]] = {"deepspeed": DeepSpeedPlan, "fsdp": FsdpPlan}
+
+
+def plan_for(engine: str | Recipe) -> type[EnginePlan]:
+    """The plan of an engine, by name or by the recipe's ``parallel.engine``."""
+    return PLANS[engine if isinstance(engine, str) else engine.parallel.engine]
 
 
 def build_engine(recipe: Recipe, info: DistInfo, layout: BatchLayout, config: PretrainedConfig) -> Engine:

@@ -12,6 +12,7 @@ from transformers import PretrainedConfig
 
 from ..config import BatchLayout, Recipe
 from ..launch import DistInfo
+from ..model import count_parameters
 from .loss import clear_labels, set_labels
 
 Batch = dict[str, torch.Tensor]
@@ -102,6 +103,10 @@ class Engine(ABC):
 
     @abstractmethod
     def lr(self) -> float: ...
+
+    def n_params(self) -> int:
+        """Parameters of the whole model, however it is sharded."""
+        return count_parameters(self.module)
 
     @torch.no_grad()
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:

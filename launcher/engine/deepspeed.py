@@ -2,92 +2,43 @@
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import os
 import re
 from pathlib import Path
-from typing import Any
 
 import deepspeed
 import torch
+from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 from deepspeed.utils import set_z3_leaf_modules
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import PretrainedConfig
 from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
 
-from ..callbacks.base import redact_values
 from ..config import BatchLayout, Recipe
+from ..files import torch_save
 from ..launch import DistInfo
-from ..memory import RECOMPILE_LIMIT, REDUCE_BUCKET
-from ..metrics import layer_param_count, param_count
-from ..model import apply_training_options, build_model, decoder_layer_classes
+from ..model import build_model, decoder_layer_classes, param_counts
+from ..redact import redact_values
 from .base import Batch, Engine, forward_loss, lr_lambda
+from .deepspeed_plan import fill_auto, weights_only_loading
+from .options import apply_training_options
 
 log = logging.getLogger(__name__)
 
 
-def fill_auto(
-    recipe: Recipe, layout: BatchLayout, config: PretrainedConfig, dtype: torch.dtype, cuda: bool
-) -> dict[str, Any]:
-    """The DeepSpeed config with every ``"auto"`` replaced by the value the recipe implies."""
-    ds = copy.deepcopy(recipe.parallel.deepspeed)
-    t = recipe.train
-    zero = ds.setdefault("zero_optimization", {"stage": 0})
-    offload_opt = (zero.get("offload_optimizer") or {}).get("device", "none") not in ("none", None)
-    auto = {
-        "train_micro_batch_size_per_gpu": layout.micro_batch_size,
-        "gradient_accumulation_steps": layout.grad_accum,
-        "train_batch_size": layout.global_batch_size,
-        "gradient_clipping": t.grad_clip,
-    }
-    for k, v in auto.items():
-        if ds.get(k, "auto") == "auto":
-            ds[k] = v
-    bf16 = ds.setdefault("bf16", {"enabled": "auto"})
-    if bf16.get("enabled") == "auto":
-        bf16["enabled"] = dtype == torch.bfloat16
-    opt = ds.get("optimizer")
-    if opt is not None:
-        params = opt.setdefault("params", {})
-        # torch's AdamW (fused on GPU) is as fast as DeepSpeed's FusedAdam and needs no JIT build; offloaded
-        # optimizer states need DeepSpeedCPUAdam, which DeepSpeed picks when torch_adam is off.
-        wanted: dict[str, Any] = {"lr": t.lr, "betas": list(t.betas), "eps": t.eps, "weight_decay": t.weight_decay,
-                  "torch_adam": not offload_opt}  # fmt: skip
-        for k, v in wanted.items():
-            if params.get(k, "auto") == "auto":
-                params[k] = v
-        if params.get("torch_adam") and cuda:
-            params.setdefault("fused", True)
-    # Bucket sizes. The Hugging Face integration's hidden^2 (reduce) and 0.9 hidden^2 (prefetch) are less than
-    # one decoder layer; DeepSpeed's 5e8 reduce bucket and a prefetch of two layers train the 1.1B shape 13%
-    # faster on 2x H200 (55,805 against 49,235 tokens/s/GPU, +0.9 GiB; benchmarks/results/
-    # 2026-11-28-speed-zero3-NVIDIA-H200.json).
-    hidden = int(config.hidden_size)
-    sizes = {
-        "reduce_bucket_size": min(REDUCE_BUCKET, param_count(config)),  # allocated whole: no bigger than the model
-        "stage3_prefetch_bucket_size": 2 * layer_param_count(config),
-        "stage3_param_persistence_threshold": 10 * hidden,
-    }
-    for k, v in sizes.items():
-        if zero.get(k) == "auto":
-            zero[k] = v
-    if zero.get("stage") == 3:
-        # DeepSpeed's memory_efficient_linear (on by default) swaps torch's linear for an autograd function that
-        # reads each weight's ZeRO id: torch.compile then compiles the decoder layer again for every layer and
-        # gives up after RECOMPILE_LIMIT (torch._dynamo's recompile_limit), leaving the rest uncompiled. Off,
-        # every layer compiles: 1.1B shape on 1x H200, 57,405 -> 71,373 tokens/s/GPU and 72.1 -> 60.3 GiB peak
-        # (benchmarks/results/2026-11-28-profile-1gpu-NVIDIA-H200.json, -speed-zero3-linear-). torch's linear
-        # keeps the same tensors for backward.
-        zero.setdefault("memory_efficient_linear", False)
-        if zero["memory_efficient_linear"] and t.compile:
-            log.warning(
-                "parallel.deepspeed.zero_optimization.memory_efficient_linear=true with train.compile: only the "
-                "first %d decoder layers compile (each layer's weights change the compiled code)",
-                RECOMPILE_LIMIT,
-            )
-    return ds
+class _CheckpointFiles(TorchCheckpointEngine):
+    """DeepSpeed's file writer and reader, through our own: a failed write is an OSError naming the file (torch's
+    writer, given a path, says only "file write failed"), and reads are ``weights_only`` with DeepSpeed's own value
+    types allowed, so a tampered checkpoint cannot run code."""
+
+    def save(self, state_dict, path: str) -> None:
+        torch_save(state_dict, path)
+
+    def load(self, path: str, map_location=None):
+        with weights_only_loading():
+            return torch.load(path, map_location=map_location, weights_only=True)
 
 
 def _plain_arch_list() -> None:
@@ -103,7 +54,10 @@ def _plain_arch_list() -> None:
 class DeepSpeedEngine(Engine):
     def __init__(self, recipe: Recipe, info: DistInfo, layout: BatchLayout, config: PretrainedConfig):
         super().__init__(recipe, info, layout, config)
-        self.ds_config = fill_auto(recipe, layout, config, self.dtype, info.device.type == "cuda")
+        counts = param_counts(config, recipe.model.trust_remote_code)
+        self.ds_config = fill_auto(
+            recipe, layout, counts.total, counts.layer, int(config.hidden_size), self.dtype, info.device.type == "cuda"
+        )
         self.stage = self.ds_config["zero_optimization"].get("stage", 0)
         # DeepSpeed's own communication layer wraps the process group that already exists.
         deepspeed.init_distributed(dist_init_required=False)
@@ -137,6 +91,7 @@ class DeepSpeedEngine(Engine):
         if deepcompile and recipe.train.compile:
             _plain_arch_list()
             self.ds.compile()
+        self.ds.checkpoint_engine = _CheckpointFiles()
 
     @property
     def module(self):
@@ -161,6 +116,10 @@ class DeepSpeedEngine(Engine):
     def lr(self) -> float:
         return self.ds.get_lr()[0]
 
+    def n_params(self) -> int:
+        # ZeRO-3 leaves each rank a partition; ds_numel is the whole parameter's size.
+        return sum(getattr(p, "ds_numel", None) or p.numel() for p in self.ds.module.parameters())
+
     def save(self, path: Path) -> None:
         # DeepSpeed stores its whole config in every checkpoint file: keep secrets (a monitor's api_key, say) out.
         config = self.ds.config
@@ -178,9 +137,32 @@ class DeepSpeedEngine(Engine):
             raise RuntimeError(f"DeepSpeed found no checkpoint in {path}")
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        if self.stage == 3:
-            sd = self.ds._zero3_consolidated_16bit_state_dict()
-            return dict(sd) if sd is not None else {}
-        if self.info.rank != 0:
-            return {}
-        return {k: v.detach().cpu() for k, v in self.ds.module.state_dict().items()}
+        model = self.ds.module
+        if self.stage != 3:
+            return {k: v.detach().cpu() for k, v in model.state_dict().items()} if self.info.rank == 0 else {}
+        # ZeRO-3: gather one decoder layer (or one other module's own parameters) at a time, so no rank ever
+        # holds more than one layer beyond its partition; rank 0 keeps a CPU copy of each.
+        keys = set(model.state_dict())
+        out: dict[str, torch.Tensor] = {}
+        layer_classes = decoder_layer_classes(model)
+        inside_layer: set[str] = set()
+        for name, module in model.named_modules():
+            if any(name.startswith(p + ".") for p in inside_layer):
+                continue
+            whole = isinstance(module, layer_classes)
+            if whole:
+                inside_layer.add(name)
+            params = dict(module.named_parameters(recurse=whole))
+            if not params:
+                continue
+            prefix = f"{name}." if name else ""
+            with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=None):
+                if self.info.rank == 0:
+                    for key, p in params.items():
+                        if prefix + key in keys:
+                            out[prefix + key] = p.detach().to("cpu", copy=True)
+            if self.info.rank == 0:
+                for key, b in module.named_buffers(recurse=whole):
+                    if prefix + key in keys:
+                        out[prefix + key] = b.detach().to("cpu", copy=True)
+        return out

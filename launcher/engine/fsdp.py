@@ -26,9 +26,11 @@ from torch.optim.lr_scheduler import LambdaLR
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from ..config import BatchLayout, Recipe
+from ..files import torch_save
 from ..launch import DistInfo
-from ..model import apply_training_options, build_model, decoder_layers
+from ..model import build_model, decoder_layers
 from .base import Batch, Engine, forward_loss, lr_lambda
+from .options import apply_training_options
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +39,6 @@ class FsdpEngine(Engine):
     def __init__(self, recipe: Recipe, info: DistInfo, layout: BatchLayout, config: PretrainedConfig):
         super().__init__(recipe, info, layout, config)
         f = recipe.parallel.fsdp
-        if info.world_size % f.replicate_degree:
-            raise ValueError(
-                f"parallel.fsdp.replicate_degree: world size {info.world_size} is not divisible by {f.replicate_degree}"
-            )
         dev = info.device.type
         if f.replicate_degree > 1:
             mesh = init_device_mesh(
@@ -136,7 +134,7 @@ class FsdpEngine(Engine):
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
         if self.info.rank == 0:
-            torch.save(self.scheduler.state_dict(), path / "scheduler.pt")
+            torch_save(self.scheduler.state_dict(), path / "scheduler.pt")
 
     def load(self, path: Path) -> None:
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)

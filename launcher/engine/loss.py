@@ -7,9 +7,10 @@ to the hidden states and to the projection weight) are worked out at once, and t
 before the next chunk: the backward pass only scales the stored gradients. The FLOPs are the same as the plain
 path (one forward and two backward matmuls per chunk); nothing is recomputed.
 
-The head is switched in place (its class), so the parameter, its name in state dicts, weight tying and the hooks
-the sharding engines put on the module are all unchanged; the engines' own all-gather and reduce-scatter of the
-weight happen around it as before. Without pending labels (evaluation, generation) it is a plain linear layer.
+The model's output projection is replaced, before sharding, by a module holding the very same weight parameter
+(``set_output_embeddings``), so the parameter, its name in state dicts and weight tying are unchanged, and the
+sharding engines put their hooks on it as on any layer. Without pending labels (evaluation, generation) it is a
+plain linear layer.
 """
 
 from __future__ import annotations
@@ -85,19 +86,24 @@ def linear_cross_entropy(
     return _LinearCrossEntropy.apply(h, weight, y, chunk or chunk_tokens(weight.shape[0]))
 
 
-class FusedLossHead(nn.Linear):
-    """The model's ``lm_head`` after :func:`install_fused_loss`. With labels set by :func:`set_labels` its next
-    forward returns the micro-batch's mean loss (shape [1, 1, 1], where the logits would be) instead of logits."""
+class FusedLossHead(nn.Module):
+    """The model's ``lm_head`` after :func:`install_fused_loss`: a linear layer without bias over the original
+    weight. With labels set by :func:`set_labels` its next forward returns the micro-batch's mean loss (shape
+    [1, 1, 1], where the logits would be) instead of logits."""
 
     pending_labels: torch.Tensor | None = None
+
+    def __init__(self, weight: nn.Parameter):
+        super().__init__()
+        self.weight = weight
+        # ZeRO-3 leaves the parameter a partition; ds_shape is the whole weight's shape.
+        self.out_features, self.in_features = tuple(getattr(weight, "ds_shape", weight.shape))
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         labels = self.pending_labels
         if labels is None:
-            return super().forward(hidden)
+            return nn.functional.linear(hidden, self.weight)
         self.pending_labels = None
-        if self.bias is not None:
-            raise ValueError("fused loss: an output projection with a bias is not supported")
         return linear_cross_entropy(hidden, self.weight, labels).view(1, 1, 1).clone()
 
 
@@ -115,7 +121,7 @@ def install_fused_loss(model: nn.Module) -> bool:
         why = f"it sets {transforms}" if transforms else "its output projection is not a plain linear layer"
         log.info("train.fused_loss: using the model's logits instead, %s", why)
         return False
-    head.__class__ = FusedLossHead
+    model.set_output_embeddings(FusedLossHead(head.weight))
     return True
 
 

@@ -1,0 +1,77 @@
+"""Every use of another library's private API, in one place, each checked against the versions it was written for.
+
+Where a public API serves, the rest of the package uses it. What remains here has none: each function names the
+private symbol it reaches for and the versions it was tested with. On a version outside that range it still
+tries, and says once in the log that the behaviour is unverified there; where the symbol is gone it fails with
+a message that names it, instead of an AttributeError from deep inside a run.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import re
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+TESTED = {"torch": ("2.11", "2.13")}
+"""Inclusive (oldest, newest) major.minor of each library the private uses below were checked with."""
+
+_warned: set[str] = set()
+
+
+def _minor(version: str) -> tuple[int, int]:
+    m = re.match(r"(\d+)\.(\d+)", version)
+    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+
+
+def check_version(library: str, version: str, what: str) -> bool:
+    """Whether ``version`` of ``library`` is within the tested range for the private ``what``; warns once if not."""
+    low, high = TESTED[library]
+    ok = _minor(low) <= _minor(version) <= _minor(high)
+    if not ok and what not in _warned:
+        _warned.add(what)
+        log.warning(
+            "%s %s is outside the versions %s-%s that %s was checked with; it may behave differently",
+            library, version, low, high, what,
+        )  # fmt: skip
+    return ok
+
+
+def _require(owner: Any, name: str, what: str) -> Any:
+    value = getattr(owner, name, None)
+    if value is None:
+        raise RuntimeError(f"{what} is not in this version of the library; this launcher needs an update for it")
+    return value
+
+
+def set_collective_timeout(timeout: datetime.timedelta) -> None:
+    """How long every collective waits for its peers from now on: the world group's (``c10d._set_pg_timeout``)
+    and the default of every group created later (DeepSpeed's and FSDP's own groups would otherwise get torch's
+    30 or 10 minutes). torch offers the timeout only when a group is created; the world group is created with a
+    short one for the world check (a dead node fails in minutes) and raised here once the world is known."""
+    import torch
+    import torch.distributed as dist
+
+    what = "torch.distributed.distributed_c10d._set_pg_timeout"
+    check_version("torch", torch.__version__, what)
+    c10d = dist.distributed_c10d
+    _require(c10d, "_set_pg_timeout", what)(timeout)
+    c10d.default_pg_timeout = timeout
+    if isinstance(getattr(c10d, "default_pg_nccl_timeout", None), datetime.timedelta):
+        c10d.default_pg_nccl_timeout = timeout
+
+
+def shutdown_dataloader_workers(iterator: Any) -> None:
+    """Stop the worker processes of a multi-process DataLoader iterator now (``_MultiProcessingDataLoaderIter.
+    _shutdown_workers``, what its ``__del__`` calls). Our workers ignore the preemption signals, so at
+    interpreter exit multiprocessing's SIGTERM would not end them and it would wait for them forever; and a
+    stream that starts over must not leave its previous workers reading."""
+    import torch
+
+    shutdown = getattr(iterator, "_shutdown_workers", None)
+    if shutdown is None:
+        return  # a single-process iterator has no workers
+    check_version("torch", torch.__version__, "torch.utils.data.DataLoader iterator _shutdown_workers")
+    shutdown()

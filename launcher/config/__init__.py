@@ -1,0 +1,48 @@
+"""The recipe: its schema (``schema``), how files and overrides merge into one tree (``load``), and how the tree
+becomes a typed :class:`Recipe` with every problem named (``validate``). The ground floor: it imports nothing else
+of the launcher but ``redact``. The whole pre-flight check of a run, which also asks the engine and the files,
+is :func:`launcher.preflight.load_recipe`."""
+
+from .load import read_tree, resolve_engine_config_path, to_dict, to_yaml
+from .schema import (
+    DS_CONFIG_DIR,
+    PACKAGE_ROOT,
+    PREEMPT_SIGNALS,
+    RECIPE_DIR,
+    BatchLayout,
+    ConfigError,
+    DataConfig,
+    EvalConfig,
+    FsdpConfig,
+    LoggingConfig,
+    ModelConfig,
+    ParallelConfig,
+    Recipe,
+    SourceConfig,
+    TrainConfig,
+)
+from .validate import build, check_values
+
+__all__ = [
+    "DS_CONFIG_DIR",
+    "PACKAGE_ROOT",
+    "PREEMPT_SIGNALS",
+    "RECIPE_DIR",
+    "BatchLayout",
+    "ConfigError",
+    "DataConfig",
+    "EvalConfig",
+    "FsdpConfig",
+    "LoggingConfig",
+    "ModelConfig",
+    "ParallelConfig",
+    "Recipe",
+    "SourceConfig",
+    "TrainConfig",
+    "build",
+    "check_values",
+    "read_tree",
+    "resolve_engine_config_path",
+    "to_dict",
+    "to_yaml",
+]

@@ -1,0 +1,270 @@
+"""The recipe schema: typed dataclasses with a docstring under each field, the one source of truth for recipe keys.
+
+A recipe is YAML whose sections are the fields of :class:`Recipe`; ``launcher.config.load`` turns files and
+overrides into one merged tree, ``launcher.config.validate`` turns the tree into these objects and reports every
+problem at once, each under its dotted key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent.parent
+DS_CONFIG_DIR = PACKAGE_ROOT / "ds_configs"
+RECIPE_DIR = PACKAGE_ROOT / "recipes"
+
+PREEMPT_SIGNALS = {"SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT", "SIGHUP", "SIGCONT"}
+
+
+class ConfigError(Exception):
+    """Every problem found in a recipe, each naming its dotted key (or file)."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid recipe:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+@dataclass
+class SourceConfig:
+    path: str = ""
+    """A local file, directory or glob (jsonl, json, parquet, txt; .gz/.zst), a Hugging Face hub dataset
+    id, or an fsspec URL (s3://, gs://, https://)."""
+    name: str | None = None
+    """Dataset configuration name, for hub datasets that have several."""
+    split: str = "train"
+    """Split to read."""
+    text_field: str = "text"
+    """Column holding the document text (ignored for .txt files, where each line is a document)."""
+    weight: float = 1.0
+    """Relative share of the training tokens when several training sources are mixed. Each reader takes its next
+    document from the source furthest below its share so far, so the proportions in tokens follow the weights
+    within about one document, whatever the document lengths (logged as ``data/mix/<label>``)."""
+    token_budget: int | None = None
+    """Tokens this source supplies per pass, over all ranks, under ``data.stopping: token_budget``. Set it on
+    every training source, or set ``data.token_budget`` instead to split one total by the weights."""
+    label: str | None = None
+    """Name of this source in the logged mixture proportions (``data/mix/<label>``). Defaults to the file,
+    directory or dataset name."""
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str | None = None
+    """Base model: a local Hugging Face model directory or a hub id. Leave empty to train from scratch
+    from ``from_config``. Used only when output_dir holds no checkpoint to resume from."""
+    from_config: str | None = None
+    """For training from scratch: a config.json, or a directory holding one (random initialisation)."""
+    tokenizer: str | None = None
+    """Tokenizer directory or hub id; defaults to ``name_or_path`` (or the ``from_config`` directory)."""
+    attn_implementation: str = "sdpa"
+    """Attention kernel passed to transformers: sdpa, flash_attention_2, eager."""
+    activation_checkpointing: bool = False
+    """Recompute decoder layers' activations in the backward pass to save memory."""
+    checkpoint_every: int = 1
+    """With ``activation_checkpointing``: recompute only every k-th decoder layer (1: every layer; 2: half
+    of them ...). Selective checkpointing keeps the rest of the activations, trading memory for speed."""
+    trust_remote_code: bool = False
+    """Allow model/tokenizer code from the model repository to run. Off unless you need it."""
+
+
+@dataclass
+class DataConfig:
+    train: list[SourceConfig] = field(default_factory=list)
+    """Training sources, streamed; each rank reads only its own part."""
+    seq_len: int = 2048
+    """Tokens per packed block."""
+    num_workers: int = 1
+    """DataLoader worker processes per rank for reading, tokenizing and packing (0 = in the trainer)."""
+    prefetch_factor: int = 4
+    """Batches each DataLoader worker prepares ahead."""
+    shuffle_buffer: int = 0
+    """Shuffling, in documents (0 = read in order). When set, the order of the files (or Parquet row groups) is
+    shuffled anew in every pass over a source, and each file is read in windows of this many documents whose
+    order is shuffled. A window is held in memory (untokenized) per source and DataLoader worker; a resume
+    re-reads at most one file per source."""
+    stopping: Literal["all_exhausted", "first_exhausted", "token_budget"] = "all_exhausted"
+    """When a pass over a mixture of sources ends. The stream never ends: after a pass the next one starts, and
+    ``train.max_steps`` decides how much is trained. ``all_exhausted``: every source is read to its end at least
+    once per pass; a source that runs out before the others starts over (reshuffled), so the proportions follow
+    the weights throughout and smaller sources are repeated. ``first_exhausted``: the pass ends when the first
+    source runs out and the next pass starts every source from its beginning (reshuffled): nothing repeats
+    within a pass, and the rest of the larger sources is not read in it. ``token_budget``: each source supplies
+    its token budget per pass (``token_budget`` on each source, or ``data.token_budget`` split by weight); a
+    source that runs out starts over, one that reaches its budget rests until the pass ends, and every source
+    continues where it stopped in the next pass, so a large source gives new documents in every pass. With one
+    source the three agree. Each rank and DataLoader worker applies the rule to its own share of the data."""
+    token_budget: int | None = None
+    """Under ``stopping: token_budget``: tokens per pass over all sources and ranks, split among the sources by
+    their weights. Leave empty when every source sets its own ``token_budget``."""
+    document_masking: bool = False
+    """Keep attention inside each document of a packed block: the blocks carry ``position_ids`` that restart
+    at 0 after every EOS, which transformers turns into per-document attention (varlen kernels under
+    flash_attention_2, a block-diagonal causal mask under sdpa and eager) and per-document rotary positions.
+    Off: every token attends to all earlier tokens of its block, across document boundaries. The masks built
+    for sdpa and eager take memory and time that grow with seq_len squared, where sdpa without masking runs its
+    causal kernel; flash_attention_2 is the fast choice. Evaluation scores its blocks without masking."""
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000
+    """Optimizer steps to run. 0 evaluates the model and exits."""
+    micro_batch_size: int = 1
+    """Sequences per GPU (or CPU process) per forward pass."""
+    global_batch_size: int | None = None
+    """Sequences per optimizer step across all ranks; gradient accumulation is derived from it and the
+    world size. Empty: micro_batch_size x world size (no accumulation)."""
+    lr: float = 3e-4
+    """Peak learning rate."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of ``lr`` (cosine and linear schedules)."""
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """Learning-rate decay after warmup."""
+    warmup_steps: int = 0
+    """Linear warmup from 0 to ``lr`` over this many steps."""
+    weight_decay: float = 0.1
+    """AdamW decoupled weight decay."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    """AdamW betas."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value (0 disables clipping)."""
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """Training precision: bf16 on GPU and fp32 on CPU when ``auto``."""
+    seed: int = 42
+    """Seed for initialisation, data order and dropout."""
+    log_every: int = 1
+    """Write train metrics every this many steps."""
+    save_every: int = 0
+    """Save a checkpoint every this many steps (0: only at the end)."""
+    keep_last: int = 2
+    """Checkpoints kept in output_dir/checkpoints; older ones are removed after a newer one is saved."""
+    nonfinite: Literal["skip", "stop"] = "skip"
+    """A step whose loss or gradient is not finite on any rank (the global gradient norm tells every rank the
+    same): ``skip`` drops its update (the optimizer state and the learning-rate schedule stay as they were) and
+    goes on; ``stop`` ends the run at once with a non-zero exit, keeping the last checkpoint."""
+    max_skipped_steps: int = 3
+    """With ``nonfinite: skip``: stop when more than this many steps in a row are skipped."""
+    save_final: bool = True
+    """Save a checkpoint at the end of training (turn off for throughput runs that will never be resumed)."""
+    export_final: bool = True
+    """Write a consolidated Hugging Face model to output_dir/final at the end."""
+    compile: bool = False
+    """Compile each decoder layer's forward with torch.compile (the sharding hooks stay outside). Faster on GPU
+    once warm; the first steps take longer while kernels are generated."""
+    fused_loss: bool = True
+    """Compute the output projection and the cross-entropy together, a chunk of tokens at a time, with the
+    gradients worked out in the same pass: neither bf16 nor fp32 logits of the whole micro-batch are ever held
+    in memory. Falls back to the model's own logits for models that scale or cap them after the projection."""
+    preempt_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    """Signals that make every rank finish its step, save a checkpoint and exit with code 75 (requeue me)."""
+    profile_steps: list[int] = field(default_factory=list)
+    """``[first, last]``: record a torch.profiler trace of these optimizer steps (counted from 1, inclusive) on
+    every rank, into output_dir/profile/ with a summary of the GPU's busy time and top operators. Skip the first
+    steps, which include torch.compile. Empty: off."""
+
+
+@dataclass
+class EvalConfig:
+    sets: dict[str, SourceConfig] = field(default_factory=dict)
+    """Named eval sets; each is read fully, split across ranks, and reported as loss and perplexity. Setting a
+    name to null removes a set defined by an extended recipe."""
+    every: int = 0
+    """Evaluate every this many steps (0: only at the end)."""
+    at_start: bool = False
+    """Also evaluate before the first step, to show the base model's perplexity."""
+    micro_batch_size: int | None = None
+    """Sequences per forward pass in evaluation; defaults to train.micro_batch_size."""
+    max_blocks: int | None = None
+    """Cap on seq_len blocks read per eval set (empty: the whole set)."""
+
+
+@dataclass
+class FsdpConfig:
+    reshard_after_forward: bool = True
+    """Free each layer's gathered parameters after its forward (ZeRO-3 like); False keeps them until
+    backward (ZeRO-2 like: more memory, less communication)."""
+    cpu_offload: bool = False
+    """Keep sharded parameters, gradients and optimizer states in CPU memory."""
+    replicate_degree: int = 1
+    """Hybrid sharding: replicate across this many groups and shard within each (1 = full sharding)."""
+    reduce_dtype: Literal["fp32", "bf16"] = "fp32"
+    """Dtype of gradient reduce-scatter under bf16 training."""
+    prefetch_layers: int = 1
+    """Decoder layers whose parameters are all-gathered ahead of the one computing, in forward and backward
+    (0: FSDP2's own implicit prefetching)."""
+
+
+@dataclass
+class ParallelConfig:
+    engine: Literal["deepspeed", "fsdp"] = "deepspeed"
+    """Sharding engine."""
+    config: str = "zero3.json"
+    """Engine config: a file name in ds_configs/ or a path. DeepSpeed JSON or FSDP YAML."""
+    nproc_per_node: int | None = None
+    """Worker processes ``cpt run`` starts on one machine: one per GPU when empty, else this many
+    (CPU processes with gloo when there is no GPU)."""
+    timeout_minutes: float = 30.0
+    """Collective-communication timeout; a dead peer ends the job after this long."""
+    zero3_layer_gather: bool = True
+    """DeepSpeed ZeRO-3: gather each decoder layer's parameters at once, from one hook on the layer (as FSDP2
+    does), instead of one hook and one all-gather per submodule (DeepSpeed's default)."""
+    deepspeed: dict[str, Any] = field(default_factory=dict)
+    """The DeepSpeed config, loaded from ``config``; ``"auto"`` values are filled from the recipe."""
+    fsdp: FsdpConfig = field(default_factory=FsdpConfig)
+    """FSDP2 settings, loaded from ``config`` when engine is fsdp."""
+
+
+@dataclass
+class LoggingConfig:
+    wandb: Literal["auto", "online", "offline", "disabled"] = "auto"
+    """Weights & Biases: ``auto`` is online when credentials exist, offline (files under output_dir) when
+    they do not."""
+    project: str = "cpt"
+    """W&B project."""
+    entity: str | None = None
+    """W&B entity (team or user)."""
+    run_name: str | None = None
+    """W&B run name; defaults to the output_dir name."""
+    tags: list[str] = field(default_factory=list)
+    """W&B tags."""
+    progress: bool = True
+    """Progress bar on rank 0."""
+
+
+@dataclass
+class Recipe:
+    output_dir: str = "runs/default"
+    """Where every output goes: metrics, eval results, checkpoints, final model."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def batch_layout(self, world_size: int) -> BatchLayout:
+        """Gradient accumulation and global batch for ``world_size`` data-parallel ranks."""
+        micro = self.train.micro_batch_size
+        global_batch = self.train.global_batch_size or micro * world_size
+        accum, rest = divmod(global_batch, micro * world_size)
+        if rest or accum == 0:
+            raise ConfigError(
+                [
+                    f"train.global_batch_size: {global_batch} is not a multiple of train.micro_batch_size "
+                    f"({micro}) x world size ({world_size}) = {micro * world_size}"
+                ]
+            )
+        return BatchLayout(world_size, micro, accum, global_batch, global_batch * self.data.seq_len)
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    world_size: int
+    micro_batch_size: int
+    grad_accum: int
+    global_batch_size: int
+    tokens_per_step: int

@@ -1,0 +1,238 @@
+"""From a merged tree to a :class:`Recipe`: type conversion against the dataclasses and the value checks that
+need nothing but the recipe. Every problem names its dotted key; all of them are collected, none raised here.
+
+Checks that need more than the recipe live with what they concern: an engine's config in ``launcher.engine``,
+files and the model's own config in ``launcher.preflight``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from typing import Any, Literal
+
+from .schema import PREEMPT_SIGNALS, DataConfig, Recipe, SourceConfig
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _is_container(tp: Any) -> bool:
+    return dataclasses.is_dataclass(tp) or typing.get_origin(tp) in (list, dict)
+
+
+def _elsewhere(name: str) -> list[str]:
+    """Dotted keys of the recipe whose last part is ``name``: ``train.seq_len`` is ``data.seq_len``."""
+    found = []
+    for section in dataclasses.fields(Recipe):
+        tp = typing.get_type_hints(Recipe)[section.name]
+        if dataclasses.is_dataclass(tp):
+            found += [f"{section.name}.{f.name}" for f in dataclasses.fields(tp) if f.name == name]
+    return found
+
+
+def build(tp: Any, value: Any, key: str, problems: list[str]) -> Any:
+    """Convert ``value`` to ``tp``, appending a problem (and returning a placeholder) where it does not fit."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    where = key or "recipe"
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) == 1:
+            return build(inner[0], value, key, problems)
+    if origin is Literal:
+        if value in args:
+            return value
+        problems.append(f"{where}: {value!r} is not one of {_type_name(tp)}")
+        return args[0]
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            problems.append(f"{where}: expected a mapping of {tp.__name__} fields, got {value!r}")
+            return tp()
+        hints = typing.get_type_hints(tp)
+        names = [f.name for f in dataclasses.fields(tp)]
+        for k in value:
+            if k not in names:
+                close = _elsewhere(str(k)) or difflib.get_close_matches(str(k), names, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                problems.append(f"{key + '.' if key else ''}{k}: unknown key{hint}")
+        kwargs = {}
+        for n in names:
+            if n in value:
+                before = len(problems)
+                built = build(hints[n], value[n], f"{key + '.' if key else ''}{n}", problems)
+                # A scalar that does not fit keeps its default, so the value checks can still run on the rest.
+                if len(problems) == before or _is_container(hints[n]):
+                    kwargs[n] = built
+        return tp(**kwargs)
+    if origin is list:
+        if not isinstance(value, list):
+            problems.append(f"{where}: expected a list, got {value!r}")
+            return []
+        items = []
+        for i, v in enumerate(value):
+            before = len(problems)
+            item = build(args[0], v, f"{key}[{i}]", problems)
+            if len(problems) == before or _is_container(args[0]):
+                items.append(item)
+        return items
+    if origin is dict:
+        if not isinstance(value, dict):
+            problems.append(f"{where}: expected a mapping, got {value!r}")
+            return {}
+        # A null entry removes what an extended recipe defined (e.g. ``eval.sets.fineweb=null``).
+        return {str(k): build(args[1], v, f"{key}.{k}", problems) for k, v in value.items() if v is not None}
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    problems.append(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    return None
+
+
+def check_values(r: Recipe) -> list[str]:
+    """Problems with the values of ``r`` that the recipe alone shows."""
+    problems: list[str] = []
+
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            problems.append(msg)
+
+    need(bool(r.output_dir), "output_dir: must not be empty")
+    m = r.model
+    need(
+        bool(m.name_or_path) != bool(m.from_config),
+        "model: set exactly one of model.name_or_path (continue from weights) and model.from_config "
+        "(train from scratch)",
+    )
+    if m.from_config and not m.tokenizer and m.from_config.endswith(".json"):
+        problems.append("model.tokenizer: required when model.from_config is a config.json file")
+    need(m.checkpoint_every > 0, f"model.checkpoint_every: must be positive, got {m.checkpoint_every}")
+    d = r.data
+    need(d.seq_len > 0, f"data.seq_len: must be positive, got {d.seq_len}")
+    need(d.num_workers >= 0, f"data.num_workers: must be >= 0, got {d.num_workers}")
+    need(d.prefetch_factor > 0, f"data.prefetch_factor: must be positive, got {d.prefetch_factor}")
+    need(d.shuffle_buffer >= 0, f"data.shuffle_buffer: must be >= 0, got {d.shuffle_buffer}")
+    t = r.train
+    if t.max_steps > 0:
+        need(bool(d.train), "data.train: at least one training source is needed when train.max_steps > 0")
+    for i, s in enumerate(d.train):
+        _check_source(s, f"data.train[{i}]", problems)
+    for name, s in r.eval.sets.items():
+        _check_source(s, f"eval.sets.{name}", problems, train=False)
+    _check_budgets(d, problems)
+    labels = [s.label for s in d.train if s.label]
+    for label in sorted({x for x in labels if labels.count(x) > 1}):
+        problems.append(f"data.train: label {label!r} names more than one source; labels must be unique")
+    need(t.max_steps >= 0, f"train.max_steps: must be >= 0, got {t.max_steps}")
+    need(t.micro_batch_size > 0, f"train.micro_batch_size: must be positive, got {t.micro_batch_size}")
+    if t.global_batch_size is not None:
+        need(t.global_batch_size > 0, f"train.global_batch_size: must be positive, got {t.global_batch_size}")
+        need(
+            t.micro_batch_size <= 0 or t.global_batch_size % t.micro_batch_size == 0,
+            f"train.global_batch_size: {t.global_batch_size} is not a multiple of train.micro_batch_size "
+            f"{t.micro_batch_size}",
+        )
+    need(t.lr > 0 and math.isfinite(t.lr), f"train.lr: must be a positive number, got {t.lr}")
+    need(0 <= t.min_lr_ratio <= 1, f"train.min_lr_ratio: must be within [0, 1], got {t.min_lr_ratio}")
+    need(t.warmup_steps >= 0, f"train.warmup_steps: must be >= 0, got {t.warmup_steps}")
+    need(t.weight_decay >= 0, f"train.weight_decay: must be >= 0, got {t.weight_decay}")
+    need(
+        len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas),
+        f"train.betas: two numbers within [0, 1), got {t.betas}",
+    )
+    need(t.eps > 0, f"train.eps: must be positive, got {t.eps}")
+    need(t.grad_clip >= 0, f"train.grad_clip: must be >= 0, got {t.grad_clip}")
+    need(t.log_every > 0, f"train.log_every: must be positive, got {t.log_every}")
+    need(t.save_every >= 0, f"train.save_every: must be >= 0, got {t.save_every}")
+    need(t.max_skipped_steps > 0, f"train.max_skipped_steps: must be positive, got {t.max_skipped_steps}")
+    need(t.keep_last > 0, f"train.keep_last: must be positive, got {t.keep_last}")
+    if t.profile_steps:
+        ps = t.profile_steps
+        need(
+            len(ps) == 2 and 1 <= ps[0] <= ps[1],
+            f"train.profile_steps: [first, last] with 1 <= first <= last, got {ps}",
+        )
+        need(
+            len(ps) != 2 or t.max_steps == 0 or ps[1] <= t.max_steps,
+            f"train.profile_steps: step {ps[-1]} is after train.max_steps={t.max_steps}",
+        )
+    for i, name in enumerate(t.preempt_signals):
+        need(name in PREEMPT_SIGNALS, f"train.preempt_signals[{i}]: {name!r} is not one of {sorted(PREEMPT_SIGNALS)}")
+    e = r.eval
+    need(e.every >= 0, f"eval.every: must be >= 0, got {e.every}")
+    if e.micro_batch_size is not None:
+        need(e.micro_batch_size > 0, f"eval.micro_batch_size: must be positive, got {e.micro_batch_size}")
+    if e.max_blocks is not None:
+        need(e.max_blocks > 0, f"eval.max_blocks: must be positive, got {e.max_blocks}")
+    p = r.parallel
+    if p.nproc_per_node is not None:
+        need(p.nproc_per_node > 0, f"parallel.nproc_per_node: must be positive, got {p.nproc_per_node}")
+    need(p.timeout_minutes > 0, f"parallel.timeout_minutes: must be positive, got {p.timeout_minutes}")
+    return problems
+
+
+def _check_source(s: SourceConfig, key: str, problems: list[str], *, train: bool = True) -> None:
+    if not s.path:
+        problems.append(f"{key}.path: must not be empty")
+    if not (s.weight > 0 and math.isfinite(s.weight)):
+        problems.append(f"{key}.weight: must be a positive number, got {s.weight}")
+    if not s.text_field:
+        problems.append(f"{key}.text_field: must not be empty")
+    if s.token_budget is not None:
+        if not train:
+            problems.append(f"{key}.token_budget: only training sources have a token budget; remove it")
+        elif s.token_budget <= 0:
+            problems.append(f"{key}.token_budget: must be positive, got {s.token_budget}")
+    if s.label is not None and not s.label.strip():
+        problems.append(f"{key}.label: must not be empty")
+
+
+def _check_budgets(d: DataConfig, problems: list[str]) -> None:
+    """Token budgets are set in exactly one way, and only under ``stopping: token_budget``."""
+    own = [i for i, s in enumerate(d.train) if s.token_budget is not None]
+    if d.token_budget is not None and d.token_budget <= 0:
+        problems.append(f"data.token_budget: must be positive, got {d.token_budget}")
+    if d.stopping != "token_budget":
+        if d.token_budget is not None:
+            problems.append(f"data.token_budget: only used with data.stopping=token_budget (it is {d.stopping!r})")
+        for i in own:
+            problems.append(
+                f"data.train[{i}].token_budget: only used with data.stopping=token_budget (it is {d.stopping!r})"
+            )
+        return
+    if d.token_budget is not None and own:
+        problems.append(
+            "data.token_budget: set either data.token_budget (split by weight) or token_budget on every "
+            f"training source, not both (data.train[{own[0]}] sets one)"
+        )
+    elif d.token_budget is None and d.train and len(own) < len(d.train):
+        missing = ", ".join(f"data.train[{i}]" for i in range(len(d.train)) if i not in own)
+        problems.append(
+            f"data.stopping: token_budget needs data.token_budget, or token_budget on every source ({missing} has none)"
+        )

@@ -1,0 +1,206 @@
+"""DeepSpeed ZeRO 0-3: what its JSON config must hold, how ``"auto"`` values are filled from the recipe, the memory
+its model states take, how its checkpoints are read safely and consolidated for export."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import BatchLayout, Recipe
+from .plan import RECOMPILE_LIMIT, EnginePlan
+
+log = logging.getLogger(__name__)
+
+REDUCE_BUCKET = 500_000_000
+"""DeepSpeed's default reduce_bucket_size, what ``"auto"`` fills in (never more than the model)."""
+
+
+def zero_section(recipe: Recipe) -> dict[str, Any]:
+    zero = recipe.parallel.deepspeed.get("zero_optimization")
+    return zero if isinstance(zero, dict) else {}
+
+
+def zero_stage(recipe: Recipe) -> int:
+    return int(zero_section(recipe).get("stage", 0))
+
+
+class DeepSpeedPlan(EnginePlan):
+    name = "deepspeed"
+
+    @classmethod
+    def check(cls, recipe: Recipe, world_size: int | None = None) -> list[str]:
+        """The DeepSpeed config may leave values ``"auto"``; fixed values must agree with the recipe."""
+        problems: list[str] = []
+        ds = recipe.parallel.deepspeed
+        if not ds:
+            return ["parallel.deepspeed: empty; parallel.config must name a DeepSpeed JSON file"]
+        zero = ds.get("zero_optimization", {})
+        stage = zero.get("stage", 0) if isinstance(zero, dict) else None
+        if stage not in (0, 1, 2, 3):
+            problems.append(f"parallel.deepspeed.zero_optimization.stage: must be 0, 1, 2 or 3, got {stage!r}")
+        if "scheduler" in ds:
+            problems.append(
+                "parallel.deepspeed.scheduler: the schedule comes from train.schedule/warmup_steps/min_lr_ratio; "
+                "remove it from the DeepSpeed config"
+            )
+        checks: dict[str, Any] = {
+            "train_micro_batch_size_per_gpu": recipe.train.micro_batch_size,
+            "gradient_clipping": recipe.train.grad_clip,
+        }
+        for k, want in checks.items():
+            got = ds.get(k, "auto")
+            if got != "auto" and got != want:
+                problems.append(f'parallel.deepspeed.{k}: {got!r} contradicts the recipe\'s value {want!r}; use "auto"')
+        for fp in ("fp16", "bf16"):
+            sect = ds.get(fp)
+            if isinstance(sect, dict) and sect.get("enabled") not in (None, "auto", False):
+                want = recipe.train.precision
+                if fp == "fp16" or want == "fp32":
+                    problems.append(
+                        f'parallel.deepspeed.{fp}.enabled: true contradicts train.precision={want!r}; use "auto"'
+                    )
+        return problems
+
+    @classmethod
+    def offloaded(cls, recipe: Recipe) -> bool:
+        return (zero_section(recipe).get("offload_optimizer") or {}).get("device", "none") not in ("none", None)
+
+    @classmethod
+    def compiled_layers(cls, recipe: Recipe, layers: int) -> range:
+        """DeepSpeed's ``memory_efficient_linear`` (ZeRO-3) replaces torch's linear with an autograd function that
+        reads each weight's ZeRO id, so torch.compile compiles the layer function again for each layer and runs
+        the layers after the first ``RECOMPILE_LIMIT`` uncompiled (:func:`fill_auto` turns it off unless the
+        DeepSpeed config asks for it)."""
+        if not recipe.train.compile:
+            return range(0)
+        if zero_stage(recipe) == 3 and zero_section(recipe).get("memory_efficient_linear"):
+            return range(min(layers, RECOMPILE_LIMIT))
+        return range(layers)
+
+    @classmethod
+    def model_state_bytes(
+        cls, recipe: Recipe, n_params: int, layer_params: int, layers: int, world: int, low: int
+    ) -> dict[str, float]:
+        """ZeRO-3: bf16 and fp32 parameter partitions, fp32 gradient partitions and Adam states (``18 N / W``)
+        and, with the shipped ``stage3_max_live_parameters`` / ``stage3_max_reuse_distance``, gathered bf16
+        parameters kept alive between forward and backward up to ``max_live_parameters``, plus the reduce bucket;
+        ZeRO-1/2 keep the whole bf16 model; ZeRO-0 everything. Offload moves the optimizer states off the GPU."""
+        n, stage, zero = n_params, zero_stage(recipe), zero_section(recipe)
+        master_and_adam = 0.0 if cls.offloaded(recipe) else 12 * n / (world if stage >= 1 else 1)
+        grads = low * n / (world if stage >= 2 else 1) + (4 * n if stage == 0 and low == 2 else 0)
+        parts: dict[str, float] = {}
+        if stage == 3:
+            grads = 4 * n / world  # ZeRO-3 accumulates gradient partitions in fp32
+            params = low * n / world
+            live = zero.get("stage3_max_live_parameters", 1e9)
+            live = float(live) if isinstance(live, (int, float)) else 1e9
+            bucket = zero.get("reduce_bucket_size")
+            bucket = float(bucket) if isinstance(bucket, (int, float)) else min(REDUCE_BUCKET, n)
+            # the gradient bucket stays allocated between steps (+0.92 GiB measured for +496M elements)
+            parts["gathered params"] = low * min(n, live + layer_params) + low * bucket
+        else:
+            params = low * n
+        return {"params+grads+adam": params + grads + master_and_adam, **parts}
+
+    @classmethod
+    def export_state_dict(cls, checkpoint: Path, model_config: Any) -> dict[str, torch.Tensor]:
+        if not any(checkpoint.glob("*optim_states.pt")):
+            # ZeRO-0 without a DeepSpeed optimizer wrapper: the module's weights are whole in the model-states file.
+            states = torch.load(checkpoint / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
+            return states["module"]
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        with weights_only_loading():
+            return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
+
+
+@contextlib.contextmanager
+def weights_only_loading() -> Iterator[None]:
+    """DeepSpeed's checkpoint loads inside read tensors and plain data only, plus the few DeepSpeed value types its
+    checkpoints hold: nothing else in a checkpoint is unpickled, so a tampered checkpoint cannot run code.
+    DeepSpeed calls ``torch.load(weights_only=False)``; torch's ``TORCH_FORCE_WEIGHTS_ONLY_LOAD`` overrides that
+    for every load while it is set, and ``safe_globals`` allows DeepSpeed's types."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    key = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
+    before = os.environ.get(key)
+    os.environ[key] = "1"
+    try:
+        with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
+            yield
+    finally:
+        if before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before
+
+
+def fill_auto(
+    recipe: Recipe, layout: BatchLayout, n_params: int, layer_params: int, hidden: int, dtype: torch.dtype, cuda: bool
+) -> dict[str, Any]:
+    """The DeepSpeed config with every ``"auto"`` replaced by the value the recipe implies, for a model of
+    ``n_params`` parameters (``layer_params`` per decoder layer, hidden size ``hidden``)."""
+    ds = copy.deepcopy(recipe.parallel.deepspeed)
+    t = recipe.train
+    zero = ds.setdefault("zero_optimization", {"stage": 0})
+    offload_opt = (zero.get("offload_optimizer") or {}).get("device", "none") not in ("none", None)
+    auto = {
+        "train_micro_batch_size_per_gpu": layout.micro_batch_size,
+        "gradient_accumulation_steps": layout.grad_accum,
+        "train_batch_size": layout.global_batch_size,
+        "gradient_clipping": t.grad_clip,
+    }
+    for k, v in auto.items():
+        if ds.get(k, "auto") == "auto":
+            ds[k] = v
+    bf16 = ds.setdefault("bf16", {"enabled": "auto"})
+    if bf16.get("enabled") == "auto":
+        bf16["enabled"] = dtype == torch.bfloat16
+    opt = ds.get("optimizer")
+    if opt is not None:
+        params = opt.setdefault("params", {})
+        # torch's AdamW (fused on GPU) is as fast as DeepSpeed's FusedAdam and needs no JIT build; offloaded
+        # optimizer states need DeepSpeedCPUAdam, which DeepSpeed picks when torch_adam is off.
+        wanted: dict[str, Any] = {"lr": t.lr, "betas": list(t.betas), "eps": t.eps, "weight_decay": t.weight_decay,
+                  "torch_adam": not offload_opt}  # fmt: skip
+        for k, v in wanted.items():
+            if params.get(k, "auto") == "auto":
+                params[k] = v
+        if params.get("torch_adam") and cuda:
+            params.setdefault("fused", True)
+    # Bucket sizes. The Hugging Face integration's hidden^2 (reduce) and 0.9 hidden^2 (prefetch) are less than
+    # one decoder layer; DeepSpeed's 5e8 reduce bucket and a prefetch of two layers train the 1.1B shape 13%
+    # faster on 2x H200 (55,805 against 49,235 tokens/s/GPU, +0.9 GiB; benchmarks/results/
+    # 2026-11-28-speed-zero3-NVIDIA-H200.json).
+    sizes = {
+        "reduce_bucket_size": min(REDUCE_BUCKET, n_params),  # allocated whole: no bigger than the model
+        "stage3_prefetch_bucket_size": 2 * layer_params,
+        "stage3_param_persistence_threshold": 10 * hidden,
+    }
+    for k, v in sizes.items():
+        if zero.get(k) == "auto":
+            zero[k] = v
+    if zero.get("stage") == 3:
+        # DeepSpeed's memory_efficient_linear (on by default) swaps torch's linear for an autograd function that
+        # reads each weight's ZeRO id: torch.compile then compiles the decoder layer again for every layer and
+        # gives up after RECOMPILE_LIMIT (torch._dynamo's recompile_limit), leaving the rest uncompiled. Off,
+        # every layer compiles: 1.1B shape on 1x H200, 57,405 -> 71,373 tokens/s/GPU and 72.1 -> 60.3 GiB peak
+        # (benchmarks/results/2026-11-28-profile-1gpu-NVIDIA-H200.json, -speed-zero3-linear-). torch's linear
+        # keeps the same tensors for backward.
+        zero.setdefault("memory_efficient_linear", False)
+        if zero["memory_efficient_linear"] and t.compile:
+            log.warning(
+                "parallel.deepspeed.zero_optimization.memory_efficient_linear=true with train.compile: only the "
+                "first %d decoder layers compile (each layer's weights change the compiled code)",
+                RECOMPILE_LIMIT,
+            )
+    return ds

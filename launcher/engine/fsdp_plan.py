@@ -1,0 +1,64 @@
+"""FSDP2: what its config must hold, the memory its model states take, and how its torch.distributed.checkpoint
+directories are consolidated for export."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import Recipe
+from .plan import EnginePlan
+
+
+class FsdpPlan(EnginePlan):
+    name = "fsdp"
+
+    @classmethod
+    def check(cls, recipe: Recipe, world_size: int | None = None) -> list[str]:
+        f = recipe.parallel.fsdp
+        problems = []
+        if f.replicate_degree <= 0:
+            problems.append(f"parallel.fsdp.replicate_degree: must be positive, got {f.replicate_degree}")
+        elif world_size is not None and world_size % f.replicate_degree:
+            problems.append(
+                f"parallel.fsdp.replicate_degree: world size {world_size} is not divisible by {f.replicate_degree}"
+            )
+        if f.prefetch_layers < 0:
+            problems.append(f"parallel.fsdp.prefetch_layers: must be >= 0, got {f.prefetch_layers}")
+        return problems
+
+    @classmethod
+    def offloaded(cls, recipe: Recipe) -> bool:
+        return recipe.parallel.fsdp.cpu_offload
+
+    @classmethod
+    def model_state_bytes(
+        cls, recipe: Recipe, n_params: int, layer_params: int, layers: int, world: int, low: int
+    ) -> dict[str, float]:
+        """fp32 parameter, gradient and Adam shards (``16 N / W``); the gathered compute-precision parameters of
+        the root unit and of the layers in flight (all of them when parameters stay gathered after forward), and
+        one layer's gradients before their reduce-scatter. Offload keeps the shards in host memory and gathers
+        every layer from there."""
+        f = recipe.parallel.fsdp
+        offload = cls.offloaded(recipe)
+        root_params = n_params - layer_params * layers
+        held = (1 + f.prefetch_layers) if f.reshard_after_forward else layers
+        gathered = low * (root_params + layer_params * held)
+        reduce = (4 if f.reduce_dtype == "fp32" or low == 4 else 2) * layer_params
+        return {
+            "params+grads+adam": 0.0 if offload else 16 * n_params / world,
+            "gathered params": gathered + reduce + (low * layer_params * layers if offload else 0),
+        }
+
+    @classmethod
+    def export_state_dict(cls, checkpoint: Path, model_config: Any) -> dict[str, torch.Tensor]:
+        import torch.distributed.checkpoint as dcp
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(model_config, dtype=torch.float32)
+        holder = {"model": {k: torch.empty(v.shape, dtype=v.dtype) for k, v in model.state_dict().items()}}
+        dcp.load(holder, checkpoint_id=str(checkpoint))
+        return holder["model"]

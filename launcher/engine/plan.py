@@ -1,0 +1,57 @@
+"""What each engine answers before and after a run, without building anything: what its config must hold, what
+memory its model states need, which layers compile, and how its checkpoints become one state dict for export.
+
+These are cheap to import (no DeepSpeed, no process group): ``cpt plan``, the pre-flight check and ``cpt export``
+use them. The engines that train (:mod:`launcher.engine.deepspeed`, :mod:`launcher.engine.fsdp`) are imported
+only by the run that uses them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from ..config import Recipe
+
+RECOMPILE_LIMIT = 8
+"""torch._dynamo.config.recompile_limit: how many variants of one compiled function torch keeps before it runs the
+function uncompiled for every new variant."""
+
+
+class EnginePlan:
+    """One engine's answers, as class methods of a recipe. Subclasses: :class:`launcher.engine.deepspeed_plan.
+    DeepSpeedPlan` and :class:`launcher.engine.fsdp_plan.FsdpPlan`; :func:`launcher.engine.plan_for` picks one."""
+
+    name: ClassVar[str]
+
+    @classmethod
+    def check(cls, recipe: Recipe, world_size: int | None = None) -> list[str]:
+        """Problems with the engine's part of the recipe, each naming its key (``world_size``: when known)."""
+        return []
+
+    @classmethod
+    def offloaded(cls, recipe: Recipe) -> bool:
+        """Whether the model states (optimizer states at least) live in host memory."""
+        raise NotImplementedError
+
+    @classmethod
+    def compiled_layers(cls, recipe: Recipe, layers: int) -> range:
+        """The decoder layers that run compiled under ``train.compile``."""
+        return range(layers) if recipe.train.compile else range(0)
+
+    @classmethod
+    def model_state_bytes(
+        cls, recipe: Recipe, n_params: int, layer_params: int, layers: int, world: int, low: int
+    ) -> dict[str, float]:
+        """Peak GPU bytes of parameters, gradients, optimizer states and gathered parameters, by component, for
+        ``n_params`` parameters (``layer_params`` per decoder layer) on ``world`` ranks; ``low`` is the bytes of
+        one compute-precision value (2 under bf16)."""
+        raise NotImplementedError
+
+    @classmethod
+    def export_state_dict(cls, checkpoint: Path, model_config: Any) -> dict[str, torch.Tensor]:
+        """The consolidated weights of a checkpoint this engine saved, read in one process without a process
+        group."""
+        raise NotImplementedError
