@@ -112,7 +112,7 @@ def measure_stream(sources, tokenizer, num_workers: int, seconds: float) -> dict
     elapsed = time.perf_counter() - t0
     main_cpu = time.process_time() - main0
     worker_cpu = sum(cpu_seconds(p) for p in workers) - sum(cpu0)
-    mix = stream.metrics()
+    mix = stream.gather_metrics()
     del it
     tokens = n * per_batch
     return {

@@ -8,14 +8,16 @@ a message that names it, instead of an AttributeError from deep inside a run.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import re
+from collections.abc import Iterator
 from typing import Any
 
 log = logging.getLogger(__name__)
 
-TESTED = {"torch": ("2.11", "2.13")}
+TESTED = {"torch": ("2.11", "2.13"), "datasets": ("5.2", "5.2")}
 """Inclusive (oldest, newest) major.minor of each library the private uses below were checked with."""
 
 _warned: set[str] = set()
@@ -68,10 +70,29 @@ def shutdown_dataloader_workers(iterator: Any) -> None:
     _shutdown_workers``, what its ``__del__`` calls). Our workers ignore the preemption signals, so at
     interpreter exit multiprocessing's SIGTERM would not end them and it would wait for them forever; and a
     stream that starts over must not leave its previous workers reading."""
-    import torch
-
     shutdown = getattr(iterator, "_shutdown_workers", None)
     if shutdown is None:
         return  # a single-process iterator has no workers
+    import torch
+
     check_version("torch", torch.__version__, "torch.utils.data.DataLoader iterator _shutdown_workers")
     shutdown()
+
+
+@contextlib.contextmanager
+def no_download_count_ping() -> Iterator[None]:
+    """Inside, ``datasets`` does not send the hub its download-count ping for its built-in file builders (json,
+    parquet, text): reading local files must not touch the network, and on a cluster without internet each ping
+    costs a timeout. No argument of ``load_dataset`` or ``DownloadConfig`` turns it off, and datasets reads the
+    environment variable ``HF_UPDATE_DOWNLOAD_COUNTS`` only at import, so its module setting is switched for the
+    call and restored."""
+    import datasets
+    import datasets.config
+
+    check_version("datasets", datasets.__version__, "datasets.config.HF_UPDATE_DOWNLOAD_COUNTS")
+    before = _require(datasets.config, "HF_UPDATE_DOWNLOAD_COUNTS", "datasets.config.HF_UPDATE_DOWNLOAD_COUNTS")
+    datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = False
+    try:
+        yield
+    finally:
+        datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = before

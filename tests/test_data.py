@@ -21,7 +21,7 @@ import zstandard
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from launcher.config import ConfigError, SourceConfig, load_recipe
+from launcher.config import ConfigError, SourceConfig
 from launcher.data import (
     DataError,
     TrainStream,
@@ -34,6 +34,9 @@ from launcher.data import (
     source_labels,
     tokenize_documents,
 )
+from launcher.data.packing import Packer
+from launcher.data.spec import budgets_of
+from launcher.preflight import load_recipe
 
 VOCAB = [f"w{i}" for i in range(400)]
 
@@ -128,6 +131,43 @@ def test_pack_is_a_lossless_cut(seed):
     dropped = list(pack(docs, seq_len, keep_partial=False, eos_id=99))
     assert dropped == [b for b in kept if len(b) == seq_len]
     assert len(dropped) == len(stream) // seq_len
+
+
+@pytest.mark.parametrize("compact", [3, Packer.COMPACT])
+def test_packer_cuts_the_stream_and_rebuilds_from_its_pending_documents(monkeypatch, compact):
+    """The packing core training and evaluation share: cuts of any length are the documents with EOS, in order,
+    counted per source; a packer rebuilt from ``pending`` (each document's position and how far it was cut, as a
+    resume rebuilds it) continues the same stream. A small ``compact`` compacts the token list all the time."""
+    monkeypatch.setattr(Packer, "COMPACT", compact)
+    rng = random.Random(compact)
+    eos = 1
+    docs = [(rng.randrange(2), [rng.randrange(2, 50) for _ in range(rng.choice([0, 1, 7, 40]))]) for _ in range(150)]
+    flat = [(source, t) for source, doc in docs for t in [*doc, eos]]
+    packer = Packer(eos, num_sources=2)
+    done, drawn, rebuilt = 0, 0, 0
+    while done < len(flat):
+        n = rng.randrange(1, 30)
+        while packer.size < n and drawn < len(docs):
+            source, doc = docs[drawn]
+            assert packer.add(doc, source, drawn) == len(doc) + 1
+            drawn += 1
+        n = min(n, packer.size)
+        if packer.pending and done > rebuilt + 200:  # now and then, the rest from a packer rebuilt here
+            again = Packer(eos, num_sources=2)
+            for g in packer.pending:
+                again.add(docs[g.position][1], g.source, g.position, start=g.start)
+            assert again.size == packer.size
+            rest = flat[done : done + again.size]
+            assert again.cut(again.size) == ([t for _, t in rest], [sum(s == k for s, _ in rest) for k in range(2)])
+            rebuilt = done
+        ids, counts = packer.cut(n)
+        expected = flat[done : done + n]
+        assert ids == [t for _, t in expected]
+        assert counts == [sum(s == k for s, _ in expected) for k in range(2)]
+        done += n
+    assert rebuilt and not packer.pending and packer.size == 0
+    blocks = list(pack([doc for _, doc in docs], 5, keep_partial=True, eos_id=eos))
+    assert [t for b in blocks for t in b] == [t for _, doc in docs if doc for t in [*doc, eos]]
 
 
 def test_tokenize_skips_blank_documents_and_eos_follows_each(tok):
@@ -520,7 +560,7 @@ def test_mixture_follows_the_weights_in_tokens(tmp_path, tok, world_size, num_wo
             share = counts["long"] / (counts["long"] + counts["short"])
             # Each reader stays within a document (12 tokens) of its 70%; the rank's batches alternate readers.
             assert abs(share - 0.7) <= 12 * max(1, num_workers) / (64 * (n + 1)) + 1e-9, (n, share)
-            metrics = stream.metrics()
+            metrics = stream.gather_metrics()
             assert metrics["data/mix/long"] == pytest.approx(share)
             assert metrics["data/mix/short"] == pytest.approx(1 - share)
 
@@ -533,7 +573,12 @@ def test_mixture_metrics_report_the_consumed_tokens(tmp_path, tok):
         SourceConfig(path=str(tmp_path / "b.jsonl"), weight=1, label="replay"),
     ]
     stream = TrainStream(sources, tok, seq_len=8, micro_batch_size=2, rank=0, world_size=1, seed=0, num_workers=2)
-    assert stream.metrics() == {"data/batch_hash": stream.metrics()["data/batch_hash"]}  # nothing consumed yet
+    # Before any batch is consumed there is no mixture to report, and the hash is the hash of no tokens: the same
+    # for a stream of other sources and settings.
+    other = TrainStream(sources[1:], tok, seq_len=4, micro_batch_size=1, rank=0, world_size=1, seed=9)
+    nothing = other.gather_metrics()
+    assert set(nothing) == {"data/batch_hash"}
+    assert stream.gather_metrics() == nothing
     a_id, b_id = ids(tok, "w1")[0], ids(tok, "w2")[0]
     counts: Counter = Counter()
     previous = []
@@ -545,8 +590,9 @@ def test_mixture_metrics_report_the_consumed_tokens(tmp_path, tok):
             owner = {a_id: "a", b_id: "replay"}.get(t, owner)
             counts[owner] += 1
             previous = [owner]
-    m = stream.metrics()
+    m = stream.gather_metrics()
     assert set(m) == {"data/mix/a", "data/mix/replay", "data/batch_hash"}
+    assert m["data/batch_hash"] != nothing["data/batch_hash"]
     assert m["data/mix/a"] == pytest.approx(counts["a"] / (30 * 16))
     assert m["data/mix/replay"] == pytest.approx(counts["replay"] / (30 * 16))
     assert m["data/mix/a"] + m["data/mix/replay"] == pytest.approx(1.0)
@@ -554,7 +600,7 @@ def test_mixture_metrics_report_the_consumed_tokens(tmp_path, tok):
     assert state["source_tokens"] == [counts["a"], counts["replay"]]
     again = TrainStream(sources, tok, seq_len=8, micro_batch_size=2, rank=0, world_size=1, seed=0, num_workers=2)
     again.load_state_dict(state)
-    assert again.metrics() == m
+    assert again.gather_metrics() == m
 
 
 def test_batch_hash_follows_the_data(tmp_path, tok):
@@ -565,7 +611,7 @@ def test_batch_hash_follows_the_data(tmp_path, tok):
         s = TrainStream(sources, tok, seq_len=6, micro_batch_size=2, rank=0, world_size=1, seed=seed, **kw)
         out = []
         for _ in _take_each(s, n):
-            out.append(s.metrics()["data/batch_hash"])
+            out.append(s.gather_metrics()["data/batch_hash"])
         return out
 
     a = hashes(0)
@@ -717,7 +763,7 @@ def test_token_budget_takes_each_budget_per_pass_and_continues(tmp_path, tok):
     for name, n in (("a", len(A_DOCS)), ("b", len(B_DOCS))):
         runs = _runs([i for s, i in seq if s == name])
         assert all(r == list(range(n)) for r in runs[:-1]) and runs[-1] == list(range(len(runs[-1])))
-    m = stream.metrics()
+    m = stream.gather_metrics()
     assert m["data/mix/a"] == pytest.approx(0.25, abs=0.05)
 
 
@@ -756,7 +802,9 @@ def test_stopping_rules_are_checked_in_the_recipe(tmp_path):
     ok = tmp_path / "ok.yaml"
     train = [{"path": "a.jsonl", "token_budget": 5}, {"path": "b.jsonl", "token_budget": 7}]
     ok.write_text(json.dumps({"model": {"name_or_path": "m"}, "data": {"train": train, "stopping": "token_budget"}}))
-    assert load_recipe(ok).data.train[1].token_budget == 7
+    # The stream takes the budgets of a checked recipe as they are, without checking them again.
+    data = load_recipe(ok).data
+    assert budgets_of(data.train, data.stopping, data.token_budget) == (5, 7)
 
 
 def test_source_labels():
@@ -804,7 +852,7 @@ def test_resume_of_a_mixture_is_exact(tmp_path, tok, stopping, num_workers, shuf
     reference, metrics = [], []
     for batch in _take_each(ref_stream, n):
         reference.append(batch)
-        metrics.append(ref_stream.metrics())
+        metrics.append(ref_stream.gather_metrics())
     assert max(w["pass"] for w in ref_stream.state_dict()["workers"]) >= 1  # across pass boundaries
     for k in (5, 17):
         first = TrainStream(sources, tok, **kw)
@@ -813,12 +861,12 @@ def test_resume_of_a_mixture_is_exact(tmp_path, tok, stopping, num_workers, shuf
         assert any(w["pending"] for w in state["workers"]), "a document continues across the cut"
         resumed = TrainStream(sources, tok, **kw)
         resumed.load_state_dict(state)
-        assert resumed.metrics() == metrics[k - 1]
+        assert resumed.gather_metrics() == metrics[k - 1]
         rest = []
         for batch in _take_each(resumed, n - k):
             rest.append(batch)
         _same(rest, reference[k:])
-        assert resumed.metrics() == metrics[-1]
+        assert resumed.gather_metrics() == metrics[-1]
 
 
 # ------------------------------------------------------------------------------------- document masking

@@ -10,6 +10,7 @@ import yaml
 from launcher.callbacks.base import Callback, RunInfo, finite, read_metrics, run_name
 from launcher.callbacks.jsonl import METRICS_FILE
 from launcher.config import Recipe
+from launcher.engine import plan_for
 from launcher.files import atomic_write, is_hub_id
 from launcher.redact import redact_text
 
@@ -139,26 +140,7 @@ def _training_rows(run: RunInfo, last_step: int, tokens_seen: int) -> list[tuple
 
 
 def _engine(r: Recipe) -> str:
-    p = r.parallel
-    if p.engine == "deepspeed":
-        zero = p.deepspeed.get("zero_optimization", {}) if isinstance(p.deepspeed, dict) else {}
-        zero = zero if isinstance(zero, dict) else {}
-        text = f"DeepSpeed ZeRO stage {zero.get('stage', 0)}"
-        offload = [
-            f"{what} to {sect.get('device')}"
-            for what, key in (("optimizer", "offload_optimizer"), ("parameters", "offload_param"))
-            if isinstance(sect := zero.get(key), dict) and sect.get("device") not in (None, "none")
-        ]
-        if offload:
-            text += ", offloading " + " and ".join(offload)
-    else:
-        f = p.fsdp
-        text = f"FSDP2, reshard_after_forward={f.reshard_after_forward}, reduce {f.reduce_dtype}"
-        if f.replicate_degree > 1:
-            text += f", hybrid sharding over {f.replicate_degree} replicas"
-        if f.cpu_offload:
-            text += ", CPU offload"
-    return f"{text} (`{Path(p.config).name}`)"
+    return f"{plan_for(r).describe(r)} (`{Path(r.parallel.config).name}`)"
 
 
 def _precision(r: Recipe) -> str:

@@ -20,7 +20,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from ..redact import redact_values
-from .schema import DS_CONFIG_DIR, ParallelConfig, Recipe
+from .schema import DS_CONFIG_DIR, ENGINE_CONFIG_FILES, ParallelConfig, Recipe
 
 
 def _read_yaml(path: Path, problems: list[str]) -> dict[str, Any]:
@@ -110,19 +110,18 @@ def _load_engine_config(tree: DictConfig, problems: list[str]) -> DictConfig:
     if not path.is_file():
         problems.append(f"parallel.config: no such engine config {path}")
         return OmegaConf.create({})
-    if path.suffix == ".json":
+    engine_of_file, label = ENGINE_CONFIG_FILES.get(path.suffix.lower(), ENGINE_CONFIG_FILES[".yaml"])
+    if path.suffix.lower() == ".json":
         try:
-            ds = json.loads(path.read_text())
+            data = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             problems.append(f"{path}: line {e.lineno}, column {e.colno}: malformed JSON: {e.msg}")
             return OmegaConf.create({})
-        if engine != "deepspeed":
-            problems.append(f"parallel.config: {path.name} is a DeepSpeed config but parallel.engine is {engine!r}")
-        return _create({"parallel": {"deepspeed": ds}}, problems, str(path))
-    data = _read_yaml(path, problems)
-    if engine != "fsdp" and data:
-        problems.append(f"parallel.config: {path.name} is an FSDP config but parallel.engine is {engine!r}")
-    return _create({"parallel": {"fsdp": data}}, problems, str(path))
+    else:
+        data = _read_yaml(path, problems)
+    if engine != engine_of_file and data:
+        problems.append(f"parallel.config: {path.name} is a{label} config but parallel.engine is {engine!r}")
+    return _create({"parallel": {engine_of_file: data}}, problems, str(path))
 
 
 def parse_overrides(overrides: list[str], problems: list[str]) -> DictConfig:

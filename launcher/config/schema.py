@@ -14,6 +14,8 @@ from typing import Any, Literal
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent.parent
 DS_CONFIG_DIR = PACKAGE_ROOT / "ds_configs"
 RECIPE_DIR = PACKAGE_ROOT / "recipes"
+ENGINE_CONFIG_FILES = {".json": ("deepspeed", " DeepSpeed"), ".yaml": ("fsdp", "n FSDP"), ".yml": ("fsdp", "n FSDP")}
+"""An engine config file's suffix -> the ``parallel`` section it fills (the engine it is for) and its name."""
 
 PREEMPT_SIGNALS = {"SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT", "SIGHUP", "SIGCONT"}
 

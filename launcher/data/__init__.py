@@ -1,9 +1,16 @@
-"""Training and evaluation data: streamed sources -> each reader's share -> mix -> tokenize -> pack -> batches."""
+"""Training and evaluation data: streamed sources -> each reader's share -> mix -> tokenize -> pack -> batches.
 
-from launcher.data.loader import TrainStream, eval_blocks, source_labels
+The rooms, in the order data flows through them: ``sources`` (reading any format as text), ``sharding`` (which
+reader takes which shard), ``readers`` (one reader's share of one source), ``packing`` (the tokenize loop and
+the packer), ``mixture`` (one reader's mix of its sources, passes and resumable state), ``spec`` (the settings a
+stream is built from), ``stream`` (one rank's training batches through a DataLoader) and ``eval`` (eval blocks).
+"""
+
+from launcher.data.eval import eval_blocks
 from launcher.data.packing import document_position_ids, pack, tokenize_documents
 from launcher.data.sharding import Part, assign_parts
-from launcher.data.sources import DataError, check_sources, open_source
+from launcher.data.sources import DataError, check_sources, open_source, source_labels
+from launcher.data.stream import TrainStream
 
 __all__ = [
     "DataError",

@@ -1,4 +1,4 @@
-"""Documents to fixed-length blocks.
+"""Documents to fixed-length blocks: the one tokenize loop and the one packer that training and evaluation share.
 
 Packing is the contract between data and loss: each document is tokenized without special tokens, EOS is
 appended, documents are concatenated into one stream and the stream is cut into ``seq_len`` blocks. No padding
@@ -7,61 +7,48 @@ means every token of a training block is learned from, and EOS teaches the model
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterable, Iterator
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
 
 TOKENIZE_BATCH = 64
 """Documents handed to the tokenizer at once: batches amortise the per-call overhead of the fast tokenizers."""
 
+K = TypeVar("K")
 
-def pack(
-    token_docs: Iterable[list[int]], seq_len: int, *, keep_partial: bool, eos_id: int | None = None
-) -> Iterator[list[int]]:
-    """Concatenate documents and cut the stream into blocks of ``seq_len`` tokens.
 
-    With ``eos_id``, it is appended to every document (the packing contract); without, documents are used as
-    given (for example when they already end in EOS). Empty documents are skipped, so they never add a lone EOS.
-    ``keep_partial`` keeps the final short block: evaluation wants every token scored, training wants every
-    block full.
+def tokenize(
+    documents: Iterable[tuple[K, str]], tokenizer: Any, *, batch_size: int = TOKENIZE_BATCH
+) -> Iterator[tuple[K, list[int]]]:
+    """(key, token ids) of each non-blank document, without special tokens and without EOS; ``key`` travels with
+    its text through the batching (training uses it for the document's position in its source).
+
+    Whitespace-only documents are dropped before tokenization: they carry no text, and some tokenizers would
+    still turn them into tokens.
     """
-    if seq_len <= 0:
-        raise ValueError(f"seq_len must be positive, got {seq_len}")
-    buffer: list[int] = []
-    for doc in token_docs:
-        if not doc:
+    keys: list[K] = []
+    texts: list[str] = []
+    for key, text in documents:
+        if not text or text.isspace():
             continue
-        buffer.extend(doc)
-        if eos_id is not None:
-            buffer.append(eos_id)
-        if len(buffer) >= seq_len:
-            full = len(buffer) - len(buffer) % seq_len
-            for start in range(0, full, seq_len):
-                yield buffer[start : start + seq_len]
-            del buffer[:full]
-    if keep_partial and buffer:
-        yield buffer
+        keys.append(key)
+        texts.append(text)
+        if len(texts) >= batch_size:
+            yield from zip(keys, encode(tokenizer, texts))
+            keys, texts = [], []
+    if texts:
+        yield from zip(keys, encode(tokenizer, texts))
 
 
 def tokenize_documents(
     texts: Iterable[str], tokenizer: Any, *, batch_size: int = TOKENIZE_BATCH
 ) -> Iterator[list[int]]:
-    """Token ids of each non-blank document, without special tokens and without EOS (``pack`` adds it).
-
-    Whitespace-only documents are dropped before tokenization: they carry no text, and some tokenizers would
-    still turn them into tokens.
-    """
-    batch: list[str] = []
-    for text in texts:
-        if not text or text.isspace():
-            continue
-        batch.append(text)
-        if len(batch) >= batch_size:
-            yield from encode(tokenizer, batch)
-            batch = []
-    if batch:
-        yield from encode(tokenizer, batch)
+    """Token ids of each non-blank document (:func:`tokenize` without keys); ``pack`` adds the EOS."""
+    for _, ids in tokenize(((None, t) for t in texts), tokenizer, batch_size=batch_size):
+        yield ids
 
 
 def encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
@@ -83,6 +70,113 @@ def encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
     # verbose=False: documents longer than the model's context are expected here; packing cuts them.
     return tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+
+
+@dataclass(slots=True)
+class Segment:
+    """A document in the packer, EOS included: ``start`` of its ``length`` tokens are in blocks already."""
+
+    source: int
+    """Which source it came from, for the per-source token counts of each block."""
+    position: Any
+    """Where in its source it came from, to resume from it."""
+    length: int
+    start: int = 0
+
+
+class Packer:
+    """The packing core: documents go in whole, EOS appended; blocks of any length come out, cut wherever they end.
+
+    The pending tokens are one flat list, read from an offset that moves on and is compacted now and then, so
+    cutting costs the same whatever the document lengths. With ``track``, each pending document is also kept as a
+    :class:`Segment` (``pending``): where it came from and how far it was cut, which is all a resume needs to
+    rebuild the packer, and what the per-source counts of each block come from.
+    """
+
+    COMPACT = 1 << 16
+    """Consumed tokens kept at the head of the list before it is compacted: a few memmoves per million tokens."""
+
+    def __init__(self, eos_id: int | None, num_sources: int = 1, *, track: bool = True):
+        self.eos_id = eos_id
+        self.num_sources = num_sources
+        self.track = track
+        self.pending: deque[Segment] = deque()
+        self._tokens: list[int] = []
+        self._head = 0
+
+    @property
+    def size(self) -> int:
+        """Tokens pending."""
+        return len(self._tokens) - self._head
+
+    def add(self, tokens: list[int], source: int = 0, position: Any = None, *, start: int = 0) -> int:
+        """Append a document (from its token ``start`` on, for one partly cut before a resume); returns its
+        length with EOS."""
+        buffer = self._tokens
+        before = len(buffer)
+        buffer.extend(tokens)
+        if self.eos_id is not None:
+            buffer.append(self.eos_id)
+        length = len(buffer) - before
+        if start:
+            del buffer[before : before + start]
+        if self.track:
+            self.pending.append(Segment(source, position, length, start))
+        return length
+
+    def cut(self, n: int) -> tuple[list[int], list[int]]:
+        """The next ``n`` pending tokens (at most ``size``) and, with ``track``, how many of them came from each
+        source (else no counts)."""
+        head = self._head
+        ids = self._tokens[head : head + n]
+        head += n
+        if head >= self.COMPACT and 2 * head >= len(self._tokens):
+            del self._tokens[:head]
+            head = 0
+        self._head = head
+        if not self.track:
+            return ids, []
+        counts = [0] * self.num_sources
+        pending = self.pending
+        while n:
+            g = pending[0]
+            take = min(n, g.length - g.start)
+            counts[g.source] += take
+            g.start += take
+            n -= take
+            if g.start == g.length:
+                pending.popleft()
+        return ids, counts
+
+    def clear(self) -> None:
+        self.pending.clear()
+        self._tokens = []
+        self._head = 0
+
+
+def pack(
+    token_docs: Iterable[list[int]], seq_len: int, *, keep_partial: bool, eos_id: int | None = None
+) -> Iterator[list[int]]:
+    """Concatenate documents and cut the stream into blocks of ``seq_len`` tokens.
+
+    With ``eos_id``, it is appended to every document (the packing contract); without, documents are used as
+    given (for example when they already end in EOS). Empty documents are skipped, so they never add a lone EOS.
+    ``keep_partial`` keeps the final short block: evaluation wants every token scored, training wants every
+    block full.
+    """
+    if seq_len <= 0:
+        raise ValueError(f"seq_len must be positive, got {seq_len}")
+    packer = Packer(eos_id, track=False)
+    pending = 0  # packer.size, kept here: this loop runs once per document
+    for doc in token_docs:
+        if not doc:
+            continue
+        pending += packer.add(doc)
+        while pending >= seq_len:
+            yield packer.cut(seq_len)[0]
+            pending -= seq_len
+    if keep_partial and pending:
+        yield packer.cut(pending)[0]
 
 
 def document_position_ids(input_ids: torch.Tensor, eos_id: int) -> torch.Tensor:

@@ -3,7 +3,8 @@
 Every source becomes a ``datasets.IterableDataset`` with one string column, ``text``, so the rest of the
 pipeline never needs to know the file format. Problems are reported as :class:`DataError` naming the source
 path and, where it can be found, the file and line (or row) at fault: a stack trace from deep inside
-``datasets`` or pyarrow does not tell a user which of their thousand files is broken.
+``datasets`` or pyarrow does not tell a user which of their thousand files is broken. Also here: what each
+source is called in the logged metrics (:func:`source_labels`).
 """
 
 from __future__ import annotations
@@ -18,16 +19,15 @@ from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from launcher.compat import no_download_count_ping
 from launcher.config import SourceConfig
+from launcher.files import COMPRESSIONS, is_hub_id, strip_data_extension
 
 if TYPE_CHECKING:
     import datasets
 
 FORMATS = {".jsonl": "json", ".json": "json", ".ndjson": "json", ".parquet": "parquet", ".txt": "text", ".text": "text"}
 """File extension -> ``datasets`` builder."""
-
-COMPRESSIONS = (".gz", ".zst", ".zstd", ".bz2", ".xz")
-"""Compression suffixes read transparently (not for Parquet, which compresses internally)."""
 
 LOCATE_BUDGET_S = 60.0
 """How long the search for the exact bad record may take once reading has failed."""
@@ -81,22 +81,11 @@ def _has_glob(path: str) -> bool:
 
 
 def source_kind(path: str) -> str:
-    """``url`` for fsspec URLs, ``hub`` for ``org/name`` ids, ``local`` for everything else.
-
-    A hub id has exactly one slash, no data-file extension and does not exist on disk; anything else is a local
-    path, so a mistyped local directory is reported as missing rather than looked up on the hub.
-    """
+    """``url`` for fsspec URLs, ``hub`` for ``org/name`` ids (:func:`launcher.files.is_hub_id`: a mistyped local
+    directory is reported as missing rather than looked up on the hub), ``local`` for everything else."""
     if "://" in path:
         return "url"
-    if (
-        os.path.exists(os.path.expanduser(path))
-        or _has_glob(path)
-        or path.startswith(("/", ".", "~"))
-        or path.count("/") != 1
-        or format_of(path) is not None
-    ):
-        return "local"
-    return "hub"
+    return "hub" if is_hub_id(path) else "local"
 
 
 def _list_directory(root: str) -> list[str]:
@@ -175,33 +164,47 @@ def check_sources(sources: list[SourceConfig]) -> list[str]:
     return problems
 
 
+def source_labels(sources: list[SourceConfig]) -> list[str]:
+    """Names of the sources in the logged metrics: ``label``, else the file, directory or dataset name (without
+    data extensions or glob patterns); names that would repeat get their source index appended."""
+    names = []
+    for s in sources:
+        if s.label:
+            names.append(s.label)
+            continue
+        parts = [p for p in PurePosixPath(s.path.split("://", 1)[-1]).parts if p not in ("/", ".", "..")]
+        while len(parts) > 1 and _has_glob(parts[-1]):
+            parts.pop()
+        name = strip_data_extension(parts[-1] if parts else s.path)
+        if s.name:
+            name = f"{name}-{s.name}"
+        names.append(name or str(len(names)))
+    return [n if s.label or names.count(n) == 1 else f"{n}-{i}" for i, (s, n) in enumerate(zip(sources, names))]
+
+
 def load(resolved: ResolvedSource, *, streaming: bool = True) -> Any:
     """``datasets.load_dataset`` for a resolved source, unchecked and with all its columns.
 
     For files, the download-count ping ``datasets`` sends to the hub for its built-in builders is switched off:
     reading local files must not touch the network (on a cluster without internet it costs a timeout per call).
     """
-    import datasets.config
     from datasets import load_dataset
 
     source = resolved.source
-    ping = datasets.config.HF_UPDATE_DOWNLOAD_COUNTS
     try:
         if resolved.kind == "hub":
             return load_dataset(source.path, source.name, split=source.split, streaming=streaming)
         data_files = resolved.files if resolved.kind == "local" else source.path
-        datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = False
-        return load_dataset(
-            resolved.builder, data_files={source.split: data_files}, split=source.split, streaming=streaming
-        )
+        with no_download_count_ping():
+            return load_dataset(
+                resolved.builder, data_files={source.split: data_files}, split=source.split, streaming=streaming
+            )
     except DataError:
         raise
     except Exception as e:
         if resolved.kind == "local":
             raise DataError(describe_failure([resolved], e)) from e
         raise DataError(f"{source.path}: cannot open: {type(e).__name__}: {e}") from e
-    finally:
-        datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = ping
 
 
 def check_text(value: Any, field_name: str) -> str | None:
@@ -406,3 +409,13 @@ def describe_failure(sources: list[ResolvedSource], error: BaseException) -> str
             return f"{where} (reading failed with {cause})"
     paths = ", ".join(r.source.path for r in sources)
     return f"reading {paths} failed: {cause}"
+
+
+def bad_text(resolved: list[ResolvedSource], what: str, index: int, problem: str) -> DataError:
+    """A DataError for a record without usable text: the file and line when a scan finds them, else ``what``
+    and the record's index."""
+    for r in resolved:
+        where = locate_problem(r)
+        if where:
+            return DataError(where)
+    return DataError(f"{what}: document {index}: {problem}")

@@ -69,6 +69,17 @@ class DeepSpeedPlan(EnginePlan):
         return problems
 
     @classmethod
+    def describe(cls, recipe: Recipe) -> str:
+        zero = zero_section(recipe)
+        text = f"DeepSpeed ZeRO stage {zero.get('stage', 0)}"
+        offload = [
+            f"{what} to {sect.get('device')}"
+            for what, key in (("optimizer", "offload_optimizer"), ("parameters", "offload_param"))
+            if isinstance(sect := zero.get(key), dict) and sect.get("device") not in (None, "none")
+        ]
+        return text + (", offloading " + " and ".join(offload) if offload else "")
+
+    @classmethod
     def offloaded(cls, recipe: Recipe) -> bool:
         return (zero_section(recipe).get("offload_optimizer") or {}).get("device", "none") not in ("none", None)
 

@@ -30,6 +30,14 @@ class FsdpPlan(EnginePlan):
         return problems
 
     @classmethod
+    def describe(cls, recipe: Recipe) -> str:
+        f = recipe.parallel.fsdp
+        text = f"FSDP2, reshard_after_forward={f.reshard_after_forward}, reduce {f.reduce_dtype}"
+        if f.replicate_degree > 1:
+            text += f", hybrid sharding over {f.replicate_degree} replicas"
+        return text + (", CPU offload" if f.cpu_offload else "")
+
+    @classmethod
     def offloaded(cls, recipe: Recipe) -> bool:
         return recipe.parallel.fsdp.cpu_offload
 

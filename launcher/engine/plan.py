@@ -32,6 +32,11 @@ class EnginePlan:
         return []
 
     @classmethod
+    def describe(cls, recipe: Recipe) -> str:
+        """The engine and its main settings in a few words, for the model card."""
+        raise NotImplementedError
+
+    @classmethod
     def offloaded(cls, recipe: Recipe) -> bool:
         """Whether the model states (optimizer states at least) live in host memory."""
         raise NotImplementedError

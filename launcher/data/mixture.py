@@ -1,0 +1,198 @@
+"""One reader's whole pipeline: mix its shares of the sources by tokens, pack them into micro-batches, end passes
+as ``data.stopping`` says, and say after each batch where it stands (``state``) so that it can resume there.
+
+The stream never ends: when a pass ends, the next one follows (reshuffled when shuffling is on). The state is
+plain JSON: per source, the pass over it (cycle), the position of the next document and the tokens drawn from it
+in the current pass; and, for each document cut by the end of a batch, where it comes from and how far it was cut.
+A restore re-reads (without tokenizing) at most one file per source up to the saved position, and re-tokenizes
+the cut documents.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from launcher.data.packing import Packer
+from launcher.data.readers import OpenedSource, Position, SourceReader
+from launcher.data.sources import DataError
+from launcher.data.spec import StreamSpec
+
+
+@dataclass
+class SourceState:
+    cycle: int = 0
+    part: int = 0
+    doc: int = 0
+    """Position of the next document to draw."""
+    tokens: int = 0
+    """Tokens drawn from this source in the current pass."""
+    done: bool = False
+    """Exhausted (all_exhausted) or at its budget (token_budget) in the current pass."""
+
+
+class Mixture:
+    """The micro-batches of one reader (one of ``num_readers``): documents drawn from its shares of the sources,
+    EOS appended, packed into ``micro_batch_size x seq_len`` tokens; a document cut by the end of a batch
+    continues in the next one."""
+
+    def __init__(
+        self, sources: list[OpenedSource], spec: StreamSpec, tokenizer: Any, *, reader: int, num_readers: int,
+        what: str,
+    ):  # fmt: skip
+        self.readers = [
+            SourceReader(s, i, spec, tokenizer, reader=reader, num_readers=num_readers, what=what)
+            for i, s in enumerate(sources)
+        ]
+        self.sources = sources
+        self.spec = spec
+        self.num_readers = num_readers
+        self.what = what
+        total = sum(s.config.weight for s in sources)
+        self.weights = [s.config.weight / total for s in sources]
+        self.budgets = None if spec.budgets is None else [max(1, math.ceil(b / num_readers)) for b in spec.budgets]
+        """This reader's share of each source's budget."""
+        self.pass_ = 0
+        self.pass_tokens = 0
+        self.batches = 0
+        self.src = [SourceState() for _ in sources]
+        self.packer = Packer(spec.eos_id, len(sources))
+        self._iters: list[Iterator[tuple[Position, list[int]]] | None] = [None] * len(sources)
+
+    # -- state
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "pass": self.pass_,
+            "pass_tokens": self.pass_tokens,
+            "batches": self.batches,
+            "sources": [[s.cycle, s.part, s.doc, s.tokens, int(s.done)] for s in self.src],
+            "pending": [[g.source, *g.position, g.start] for g in self.packer.pending],
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.pass_ = int(state["pass"])
+        self.pass_tokens = int(state["pass_tokens"])
+        self.batches = int(state["batches"])
+        self.src = [SourceState(c, p, d, t, bool(done)) for c, p, d, t, done in state["sources"]]
+        self.packer.clear()
+        for source, cycle, part, doc, start in state["pending"]:
+            first = next(self.readers[source].documents(cycle, part, doc, batch=1), None)
+            if first is None or first[0] != (cycle, part, doc) or start > len(first[1]):
+                raise DataError(
+                    f"{self.what}: {self.sources[source].config.path} no longer has the document the saved data "
+                    f"position points at (its pass {cycle}, part {part}, document {doc}); the data changed since the "
+                    "checkpoint was written"
+                )
+            self.packer.add(first[1], source, (cycle, part, doc), start=start)
+
+    # -- batches
+
+    def batches_forever(self) -> Iterator[tuple[list[int], list[int]]]:
+        """(token ids of one micro-batch, tokens per source in it), forever."""
+        need = self.spec.batch_tokens
+        while True:
+            while self.packer.size < need:
+                self._draw()
+            batch = self.packer.cut(need)
+            self.batches += 1
+            yield batch
+
+    def _draw(self) -> None:
+        """Draw one document into the packer, ending cycles and passes as the stopping rule says."""
+        while True:
+            s = self._choose()
+            st = self.src[s]
+            it = self._iters[s]
+            if it is None:
+                it = self._iters[s] = self.readers[s].documents(st.cycle, st.part, st.doc)
+            item = next(it, None)
+            if item is None:
+                self._cycle_ended(s)
+                continue
+            position, tokens = item
+            st.part, st.doc = position[1], position[2] + 1
+            self._count(s, self.packer.add(tokens, s, position))
+            return
+
+    def _choose(self) -> int:
+        """The source furthest below its share of the tokens drawn in this pass (the lowest tokens / weight; under
+        token_budget, among the sources below their budget, with the budgets as weights). Mixing by tokens keeps
+        every prefix of the stream within one document of the weights, whatever the document lengths; drawing
+        documents at random by weight would skew the token shares towards sources with longer documents."""
+        if len(self.sources) == 1:
+            return 0
+        if self.budgets is not None:
+            budgets = self.budgets
+            active = [i for i, s in enumerate(self.src) if not s.done]
+            return min(active, key=lambda i: (self.src[i].tokens / budgets[i], i))
+        return min(range(len(self.src)), key=lambda i: (self.src[i].tokens / self.weights[i], i))
+
+    def _restart(self, s: int) -> None:
+        st = self.src[s]
+        st.cycle, st.part, st.doc = st.cycle + 1, 0, 0
+        self._iters[s] = None
+
+    def _cycle_ended(self, s: int) -> None:
+        st = self.src[s]
+        if (st.part, st.doc) == (0, 0):
+            src = self.sources[s]
+            raise DataError(
+                f"{self.what}: {src.config.path} has no text for this reader: its {src.num_shards} shard(s) are "
+                f"divided among {self.num_readers} readers (world size x data.num_workers) and this one's share is "
+                "empty or blank. Add data, or lower the number of processes or data.num_workers."
+            )
+        stopping = self.spec.stopping
+        if stopping == "first_exhausted":
+            self._end_pass(ran_out=s)
+            for i in range(len(self.src)):
+                self._restart(i)
+        elif stopping == "all_exhausted":
+            st.done = True
+            self._restart(s)
+            if all(x.done for x in self.src):
+                self._end_pass()
+        else:
+            self._restart(s)
+
+    def _count(self, s: int, n: int) -> None:
+        st = self.src[s]
+        st.tokens += n
+        self.pass_tokens += n
+        if self.budgets is not None and st.tokens >= self.budgets[s]:
+            st.done = True
+            if all(x.done for x in self.src):
+                self._end_pass()
+
+    def _end_pass(self, ran_out: int | None = None) -> None:
+        spec = self.spec
+        if spec.stopping != "token_budget" and self.pass_tokens < spec.batch_tokens:
+            why = f" (a pass ends when {self.sources[ran_out].config.path} runs out)" if ran_out is not None else ""
+            raise DataError(
+                f"{self.what}, pass {self.pass_}: a full pass gives {self.pass_tokens} tokens{why}, fewer than one "
+                f"micro-batch of micro_batch_size={spec.micro_batch_size} x seq_len={spec.seq_len}: the training "
+                "data is too small for seq_len x micro_batch_size x world size x data.num_workers. Add data, or "
+                "lower seq_len, micro_batch_size, the number of processes or data.num_workers."
+            )
+        self.pass_ += 1
+        self.pass_tokens = 0
+        for x in self.src:
+            x.tokens, x.done = 0, False
+
+
+def valid_reader_state(state: Any, n_sources: int) -> bool:
+    """Whether ``state`` has the shape :meth:`Mixture.state` gives (so :meth:`Mixture.restore` can take it)."""
+    if not isinstance(state, dict):
+        return False
+    if not all(isinstance(state.get(k), int) for k in ("pass", "pass_tokens", "batches")):
+        return False
+    sources, pending = state.get("sources"), state.get("pending")
+    return (
+        isinstance(sources, list)
+        and len(sources) == n_sources
+        and all(isinstance(s, list) and len(s) == 5 for s in sources)
+        and isinstance(pending, list)
+        and all(isinstance(p, list) and len(p) == 5 and 0 <= p[0] < n_sources for p in pending)
+    )

@@ -1,0 +1,122 @@
+"""One reader's share of one training source: which documents are its own, in which order, and where each sits.
+
+A reader is one (rank, DataLoader worker). Each source is divided among the readers on its own
+(:func:`launcher.data.sharding.assign_parts`: whole files where there are enough, files shared document by
+document where not), so no document is read by two readers or tokenized twice. Everything here is a pure function
+of the seed, the source, the reader's index and the number of readers, so any position can be found again.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from itertools import count, islice
+from typing import Any
+
+from launcher.config import SourceConfig
+from launcher.data.packing import TOKENIZE_BATCH, tokenize
+from launcher.data.sharding import Part, assign_parts, rng_key, shard_order
+from launcher.data.sources import ResolvedSource, bad_text, check_text, open_source, resolve
+from launcher.data.spec import StreamSpec
+
+READ_BATCH = 256
+"""Records fetched from ``datasets`` at a time."""
+
+Position = tuple[int, int, int]
+"""(cycle, part, doc): the ``doc``-th document (blank ones included) of the ``part``-th part a reader has in its
+``cycle``-th pass over a source, in reading order."""
+
+
+@dataclass
+class OpenedSource:
+    """A training source as every reader sees it: the opened dataset and its number of shards."""
+
+    config: SourceConfig
+    resolved: ResolvedSource
+    dataset: Any
+    num_shards: int
+
+
+def open_training_source(config: SourceConfig, num_readers: int) -> OpenedSource:
+    resolved = resolve(config)
+    ds = open_source(config)
+    if ds.num_shards < num_readers:
+        # Parquet can be split per row group, so fewer readers have to share a file document by document.
+        ds = ds.reshard()
+    return OpenedSource(config, resolved, ds, ds.num_shards)
+
+
+class SourceReader:
+    """One reader's share of one source, cycle after cycle: (position, token ids) of its non-blank documents.
+
+    With shuffling, a cycle deals the shards in its own order and each part is read in windows of
+    ``shuffle_buffer`` documents, each window permuted by its own seed. Reading can start at any position; the
+    cost is reading (not tokenizing) the part up to the window that holds it.
+    """
+
+    def __init__(
+        self, source: OpenedSource, index: int, spec: StreamSpec, tokenizer: Any, *, reader: int, num_readers: int,
+        what: str,
+    ):  # fmt: skip
+        self.source = source
+        self.index = index
+        self.seed = spec.seed
+        self.window = spec.shuffle_buffer
+        self.tokenizer = tokenizer
+        self.reader = reader
+        self.num_readers = num_readers
+        self.what = what
+
+    def parts(self, cycle: int) -> list[Part]:
+        n = self.source.num_shards
+        order = shard_order(n, seed=self.seed, source=self.index, cycle=cycle, shuffle=self.window > 0)
+        return assign_parts(n, self.num_readers, self.reader, order)
+
+    def documents(
+        self, cycle: int, part: int = 0, doc: int = 0, *, batch: int = TOKENIZE_BATCH
+    ) -> Iterator[tuple[Position, list[int]]]:
+        """Tokenized non-blank documents from position (cycle, part, doc) to the end of the cycle, tokenized
+        ``batch`` at a time."""
+        return tokenize(self._texts(cycle, part, doc), self.tokenizer, batch_size=batch)
+
+    def _texts(self, cycle: int, part: int, doc: int) -> Iterator[tuple[Position, str]]:
+        parts = self.parts(cycle)
+        for p in range(part, len(parts)):
+            for d, text in self._part_texts(cycle, parts[p], doc if p == part else 0):
+                yield (cycle, p, d), text
+
+    def _part_texts(self, cycle: int, part: Part, start: int) -> Iterator[tuple[int, str]]:
+        raw = self._raw(part)
+        if not self.window:
+            yield from zip(count(start), islice(raw, start, None))
+            return
+        first = start // self.window
+        raw = islice(raw, first * self.window, None)
+        for w in count(first):
+            block = list(islice(raw, self.window))
+            if not block:
+                return
+            order = list(range(len(block)))
+            random.Random(rng_key("window", self.seed, self.index, cycle, part.shard, part.offset, w)).shuffle(order)
+            base = w * self.window
+            for i in range(max(0, start - base), len(block)):
+                yield base + i, block[order[i]]
+
+    def _raw(self, part: Part) -> Iterator[str]:
+        """The part's documents in the shard's order, checked to be text."""
+        src = self.source
+        ds = src.dataset.shard(num_shards=src.num_shards, index=part.shard)
+        seen = 0
+        for batch in ds.iter(batch_size=READ_BATCH):
+            texts = batch["text"]
+            mine = texts[(part.offset - seen) % part.stride :: part.stride]
+            for i, text in enumerate(mine):
+                if not isinstance(text, str):
+                    index = seen + (part.offset - seen) % part.stride + i * part.stride
+                    problem = check_text(text, src.resolved.text_field) or "not a string"
+                    raise bad_text(
+                        [src.resolved], f"{self.what}: {src.config.path}, shard {part.shard}", index, problem
+                    )
+            yield from mine
+            seen += len(texts)

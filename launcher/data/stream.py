@@ -1,0 +1,413 @@
+"""One rank's endless stream of training micro-batches: the DataLoader around the readers, and its position.
+
+Every (rank, DataLoader worker) is one reader (:mod:`launcher.data.mixture`); the DataLoader hands the readers'
+batches out round-robin, so batch ``n`` of a rank always comes from worker ``n % num_workers``. Each batch carries
+its reader's state after it. The trainer keeps the state of the last batch it consumed from each worker, so a
+checkpoint records exactly what was consumed, not what the workers had prefetched.
+
+Also here: what the DataLoader workers do differently from the trainer (signals, tokenizer threads), and the
+data metrics of the training log (the mixture consumed, a running hash of the consumed token ids).
+"""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import logging
+import os
+import signal
+import weakref
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from launcher.compat import shutdown_dataloader_workers
+from launcher.config import DataConfig, SourceConfig
+from launcher.data.mixture import Mixture, valid_reader_state
+from launcher.data.packing import document_position_ids, eos_id_of
+from launcher.data.readers import OpenedSource, open_training_source
+from launcher.data.sources import DataError, describe_failure, source_labels
+from launcher.data.spec import StreamSpec, budgets_of
+
+logger = logging.getLogger(__name__)
+
+STATE_VERSION = 2
+"""Of the format of ``TrainStream.state_dict`` and of the reader states in it."""
+
+PREEMPTION_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
+"""Signals DataLoader workers ignore: the trainer acts on them. A worker still stops when its trainer does."""
+
+_RUNNING_LOADERS: weakref.WeakSet[Any] = weakref.WeakSet()
+"""DataLoader iterators whose worker processes may still run."""
+
+
+def _stop_workers(iterator: Any) -> None:
+    """Stop the workers of ``iterator`` once; an iterator without workers, or stopped before, is left alone (a
+    generator finalised at interpreter exit may get here after the exit hook, when imports no longer work)."""
+    if iterator in _RUNNING_LOADERS:
+        _RUNNING_LOADERS.discard(iterator)
+        shutdown_dataloader_workers(iterator)
+
+
+def _stop_running_workers() -> None:
+    """At interpreter exit, stop the workers of the DataLoader iterators still alive. multiprocessing would end
+    them with SIGTERM, which they ignore, and then wait for them forever. Registered after the DataLoader's own
+    exit hook, so it runs before it, while the DataLoader can still shut its workers down."""
+    for iterator in list(_RUNNING_LOADERS):
+        _stop_workers(iterator)
+
+
+atexit.register(_stop_running_workers)
+
+
+def _init_worker(worker_id: int) -> None:
+    """Workers ignore the preemption signals: schedulers send them to every process of a job (Slurm) or of a
+    process group, and a worker that exits on one makes its rank fail before it can checkpoint.
+
+    Workers tokenize serially: the Rust thread pool of ``tokenizers`` can deadlock after a fork. (Where the
+    parent already used the pool, ``tokenizers`` itself turns parallelism off in the child; setting it here
+    also covers a parent that did not, and silences the warning.)"""
+    for name in PREEMPTION_SIGNALS:
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        import fsspec.asyn
+
+        fsspec.asyn.reset_lock()  # an fsspec event loop inherited from the parent would hang remote reads
+    except (ImportError, AttributeError):
+        pass
+
+
+def _paths(sources: list[SourceConfig]) -> str:
+    return ", ".join(s.path for s in sources)
+
+
+class _RankShare(IterableDataset):
+    """This rank's training batches as produced inside one DataLoader worker (or the caller, with no workers).
+
+    Yields dicts: a batch (``input_ids``, ``labels``, optionally ``position_ids``) with ``source_tokens`` (tokens
+    of each source in it), ``worker`` and ``state`` (the reader's state after it); a placeholder
+    (``{"placeholder": True}``) that keeps the DataLoader's round-robin aligned after a resume; or
+    ``{"error": message}`` as its last item, so the caller can raise a clean DataError.
+
+    ``start_batches`` batches were consumed before; each worker continues from its saved state in ``states``, or,
+    with ``replay``, produces the batches before the position again and drops them.
+    """
+
+    def __init__(
+        self, sources: list[OpenedSource], spec: StreamSpec, tokenizer: Any, *, start_batches: int,
+        states: list[dict[str, Any] | None], replay: bool,
+    ):  # fmt: skip
+        super().__init__()
+        self.sources = sources
+        self.spec = spec
+        self.tokenizer = tokenizer
+        self.start_batches = start_batches
+        self.states = states
+        self.replay = replay
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        try:
+            yield from self._batches(worker, num_workers)
+        except DataError as e:
+            yield {"error": str(e)}
+        except Exception as e:
+            yield {"error": describe_failure([s.resolved for s in self.sources], e)}
+
+    def _what(self, worker: int, num_workers: int) -> str:
+        where = f"rank {self.spec.rank} of {self.spec.world_size}"
+        if num_workers > 1:
+            where += f", DataLoader worker {worker} of {num_workers}"
+        return f"training data {_paths([s.config for s in self.sources])} ({where})"
+
+    def _batches(self, worker: int, num_workers: int) -> Iterator[dict[str, Any]]:
+        spec = self.spec
+        done = self.start_batches
+        if worker < done % num_workers:
+            # The DataLoader always asks worker 0 first, but batch `done` belongs to worker done % num_workers.
+            yield {"placeholder": True}
+        mixture = Mixture(
+            self.sources, spec, self.tokenizer, reader=spec.rank * num_workers + worker,
+            num_readers=spec.world_size * num_workers, what=self._what(worker, num_workers),
+        )  # fmt: skip
+        skip = len(range(worker, done, num_workers)) if self.replay else 0
+        saved = None if self.replay else self.states[worker]
+        if saved is not None:
+            mixture.restore(saved)
+        for ids, counts in mixture.batches_forever():
+            if skip:
+                skip -= 1
+                continue
+            # numpy builds the tensor from a list of ints several times faster than torch.tensor does.
+            input_ids = torch.from_numpy(np.array(ids, dtype=np.int64)).view(spec.micro_batch_size, spec.seq_len)
+            batch: dict[str, Any] = {"input_ids": input_ids, "labels": input_ids.clone()}
+            if spec.document_masking:
+                batch["position_ids"] = document_position_ids(input_ids, spec.eos_id)
+            batch.update(source_tokens=counts, worker=worker, state=mixture.state())
+            yield batch
+
+
+def _chain_hash(previous: str, input_ids: torch.Tensor) -> str:
+    h = hashlib.blake2b(bytes.fromhex(previous), digest_size=8)
+    h.update(input_ids.contiguous().numpy().astype("<i8", copy=False).tobytes())
+    return h.hexdigest()
+
+
+def _hash48(*values: int) -> int:
+    """A number that fits a float64 exactly (W&B stores floats)."""
+    h = hashlib.blake2b(b"".join(v.to_bytes(8, "little", signed=False) for v in values), digest_size=8)
+    return int.from_bytes(h.digest()[:6], "little")
+
+
+class TrainStream:
+    """The endless stream of training micro-batches of one rank: ``{"input_ids", "labels"}``, LongTensor[B, T],
+    plus ``position_ids`` (restarting after every EOS) with ``document_masking``.
+
+    Every (rank, DataLoader worker) is one reader with its own part of every source (see
+    :func:`launcher.data.sharding.assign_parts`): whole files where there are at least as many files as readers,
+    and the files left over shared document by document. A reader that shares a file reads all of it but tokenizes
+    only its own documents, so a source of fewer, larger files costs more reading; Parquet sources with fewer
+    files than readers are split per row group instead, which needs no sharing. Each reader mixes its parts of
+    the sources in proportion to their weights (or token budgets) counted in tokens, tokenizes, appends EOS and
+    cuts the stream into micro-batches; a document cut by the end of a batch continues in the reader's next
+    batch. Passes end as ``stopping`` says and follow each other without a gap.
+
+    The sources and settings are taken as the recipe check (``launcher.config``) leaves them; under
+    ``stopping: token_budget`` each source's budget is computed from them (``token_budget`` split by the weights,
+    or each source's own) without checking them again.
+
+    Deterministic given the sources, seed, world size, num_workers, seq_len, micro_batch_size, shuffle_buffer
+    and stopping rule. ``state_dict``/``load_state_dict`` resume exactly: after loading, iteration yields the
+    batches an uninterrupted run would have yielded next. Each ``iter()`` continues from the current position.
+    ``gather_metrics`` reports the mixture actually consumed, in tokens, and a running hash of the consumed token
+    ids.
+    """
+
+    def __init__(
+        self,
+        sources: list[SourceConfig],
+        tokenizer: Any,
+        *,
+        seq_len: int,
+        micro_batch_size: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        num_workers: int = 0,
+        prefetch_factor: int = 2,
+        shuffle_buffer: int = 0,
+        stopping: str = "all_exhausted",
+        token_budget: int | None = None,
+        document_masking: bool = False,
+    ):
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        if prefetch_factor <= 0:
+            raise ValueError(f"prefetch_factor must be positive, got {prefetch_factor}")
+        if not sources:
+            raise DataError("no training sources: data.train is empty")
+        self.sources = list(sources)
+        self.spec = StreamSpec(
+            seq_len=seq_len, micro_batch_size=micro_batch_size, rank=rank, world_size=world_size, seed=seed,
+            eos_id=eos_id_of(tokenizer, f"training data {_paths(self.sources)}"), shuffle_buffer=shuffle_buffer,
+            stopping=stopping, budgets=budgets_of(self.sources, stopping, token_budget),
+            document_masking=document_masking,
+        )  # fmt: skip
+        self.tokenizer = tokenizer
+        self.num_workers = num_workers
+        self.prefetch_factor = prefetch_factor
+        self.labels = source_labels(self.sources)
+        self._slots = max(1, num_workers)
+        self._sources = [open_training_source(s, world_size * self._slots) for s in self.sources]
+        self._batches = 0
+        self._states: list[dict[str, Any] | None] = [None] * self._slots
+        self._replay = False
+        self._source_tokens = [0] * len(self.sources)
+        self._hash = "00" * 8
+        self._active: weakref.ref | None = None
+        """The live iterator, weakly: it refers to this stream, and a cycle would delay stopping its workers."""
+
+    @classmethod
+    def from_config(
+        cls, data: DataConfig, tokenizer: Any, *, micro_batch_size: int, rank: int, world_size: int, seed: int
+    ) -> TrainStream:
+        """The stream a recipe's ``data`` section describes."""
+        return cls(
+            data.train, tokenizer, seq_len=data.seq_len, micro_batch_size=micro_batch_size, rank=rank,
+            world_size=world_size, seed=seed, num_workers=data.num_workers, prefetch_factor=data.prefetch_factor,
+            shuffle_buffer=data.shuffle_buffer, stopping=data.stopping, token_budget=data.token_budget,
+            document_masking=data.document_masking,
+        )  # fmt: skip
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        self._close_active()
+        iterator = self._iterate()
+        self._active = weakref.ref(iterator)
+        return iterator
+
+    def _close_active(self) -> None:
+        """Stop the previous iterator and its workers: the position it would continue from is no longer valid."""
+        iterator = self._active() if self._active is not None else None
+        if iterator is not None:
+            iterator.close()  # type: ignore[attr-defined]
+        self._active = None
+
+    def _iterate(self) -> Iterator[dict[str, torch.Tensor]]:
+        share = _RankShare(
+            self._sources, self.spec, self.tokenizer, start_batches=self._batches, states=list(self._states),
+            replay=self._replay,
+        )  # fmt: skip
+        workers = self.num_workers
+        loader = DataLoader(
+            share,
+            batch_size=None,
+            num_workers=workers,
+            prefetch_factor=self.prefetch_factor if workers else None,
+            worker_init_fn=_init_worker if workers else None,
+        )
+        iterator = iter(loader)
+        if workers:
+            _RUNNING_LOADERS.add(iterator)
+        try:
+            for item in iterator:
+                if "error" in item:
+                    raise DataError(item["error"]) from None
+                if "placeholder" in item:
+                    continue
+                self._states[item["worker"]] = item["state"]
+                if self._replay and all(s is not None for s in self._states):
+                    self._replay = False
+                self._batches += 1
+                for i, n in enumerate(item["source_tokens"]):
+                    self._source_tokens[i] += int(n)
+                self._hash = _chain_hash(self._hash, item["input_ids"])
+                yield {k: item[k] for k in ("input_ids", "labels", "position_ids") if k in item}
+        finally:
+            _stop_workers(iterator)
+
+    def _layout(self) -> dict[str, Any]:
+        """Everything the data order depends on; a resume is exact only when it is unchanged."""
+        spec = self.spec
+        return {
+            "rank": spec.rank,
+            "world_size": spec.world_size,
+            "num_workers": self._slots,
+            "seed": spec.seed,
+            "seq_len": spec.seq_len,
+            "micro_batch_size": spec.micro_batch_size,
+            "shuffle_buffer": spec.shuffle_buffer,
+            "stopping": spec.stopping,
+            "budgets": None if spec.budgets is None else list(spec.budgets),
+            "sources": [
+                {"path": s.path, "name": s.name, "split": s.split, "text_field": s.text_field, "weight": s.weight}
+                for s in self.sources
+            ],
+        }
+
+    def gather_metrics(self) -> dict[str, float]:
+        """Collective: every rank must call this at the same steps. Data metrics for the training log, merged into
+        metrics.jsonl and W&B.
+
+        ``data/mix/<label>``: the fraction of the training tokens consumed so far (EOS included) that came from
+        each source -- compare with the weights. ``data/batch_hash``: a hash of every token id consumed so far, in
+        order; two runs (or a run and its resumed continuation) that trained on the same data show the same
+        value at the same step.
+
+        When torch.distributed is initialised with this stream's world size, both cover every rank (one small
+        all_gather); otherwise they cover this rank.
+        """
+        counts = list(self._source_tokens)
+        hashes = [int(self._hash, 16)]
+        import torch.distributed as dist
+
+        spec = self.spec
+        if (
+            spec.world_size > 1
+            and dist.is_available()
+            and dist.is_initialized()
+            and dist.get_world_size() == spec.world_size
+            and dist.get_rank() == spec.rank
+        ):
+            device = torch.device("cpu")
+            if dist.get_backend() == "nccl":
+                device = torch.device("cuda", torch.cuda.current_device())
+            # Hashes are 64-bit; sent as two 32-bit halves so no value needs the sign bit of an int64.
+            h = hashes[0]
+            mine = torch.tensor([*counts, h >> 32, h & 0xFFFFFFFF], dtype=torch.long, device=device)
+            gathered = [torch.empty_like(mine) for _ in range(spec.world_size)]
+            dist.all_gather(gathered, mine)
+            rows = torch.stack(gathered).cpu().tolist()
+            counts = [sum(r[i] for r in rows) for i in range(len(counts))]
+            hashes = [(r[-2] << 32) | r[-1] for r in rows]
+        total = sum(counts)
+        out: dict[str, float] = {}
+        if total:
+            out.update({f"data/mix/{label}": n / total for label, n in zip(self.labels, counts)})
+        out["data/batch_hash"] = _hash48(*hashes)
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        """The position as plain JSON: micro-batches yielded so far, each worker's reader state after the last
+        batch taken from it, the tokens consumed per source and the running hash of the consumed token ids."""
+        return {
+            "version": STATE_VERSION,
+            "batches": self._batches,
+            "workers": None if self._replay else [dict(s) if s is not None else None for s in self._states],
+            "source_tokens": list(self._source_tokens),
+            "hash": self._hash,
+            "layout": self._layout(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from ``state``: the next iteration yields exactly what the saved run would have yielded next.
+
+        If the layout changed (world size, workers, seed, seq_len, micro-batch, shuffle buffer, stopping rule,
+        sources), the saved order cannot be reproduced: the stream skips as many micro-batches as were consumed,
+        and warns. A state saved by another rank of the same layout (or by an older version) is still exact,
+        only slower to reach: the batches before it are produced again and dropped.
+        """
+        if not isinstance(state, dict) or not isinstance(state.get("batches"), int) or state["batches"] < 0:
+            raise ValueError(f"not a TrainStream state: {state!r}")
+        self._close_active()
+        saved = state.get("layout") or {}
+        mine = self._layout()
+        changed = [k for k in mine if k not in ("rank", "stopping", "budgets") and saved.get(k) != mine[k]]
+        changed += [k for k in ("stopping", "budgets") if saved.get(k, mine[k]) != mine[k]]
+        if changed:
+            logger.warning(
+                "data layout changed since the saved state (%s); skipping %d micro-batches of the new layout, "
+                "which is not the saved data order",
+                ", ".join(f"{k}: {saved.get(k)!r} -> {mine[k]!r}" for k in changed),
+                state["batches"],
+            )
+        elif state.get("version") != STATE_VERSION and state["batches"]:
+            logger.warning(
+                "the data position was saved by another version of the data pipeline (%s, this is %s); skipping %d "
+                "micro-batches, which is not the saved data order",
+                state.get("version"),
+                STATE_VERSION,
+                state["batches"],
+            )
+        workers = state.get("workers")
+        exact = (
+            not changed
+            and state.get("version") == STATE_VERSION
+            and saved.get("rank") == self.spec.rank
+            and isinstance(workers, list)
+            and len(workers) == self._slots
+            and all(w is None or valid_reader_state(w, len(self.sources)) for w in workers)
+        )
+        self._batches = state["batches"]
+        self._states = [dict(w) if w is not None else None for w in workers] if exact else [None] * self._slots  # type: ignore[union-attr]
+        self._replay = not exact and self._batches > 0
+        tokens = state.get("source_tokens")
+        same_sources = saved.get("sources") == mine["sources"]
+        ok = same_sources and isinstance(tokens, list) and len(tokens) == len(self.sources)
+        self._source_tokens = [int(n) for n in tokens] if ok else [0] * len(self.sources)  # type: ignore[union-attr]
+        digest = state.get("hash")
+        self._hash = digest if isinstance(digest, str) and len(digest) == 16 else "00" * 8
