@@ -9,30 +9,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .config import ConfigError, Recipe, load_recipe, to_yaml
-from .launch import default_nproc, detect_launcher, spawn_workers
-
-
-def _load(recipe: str, overrides: list[str], **checks) -> Recipe:
-    try:
-        return load_recipe(recipe, overrides, **checks)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-
-
-def _nproc(recipe: Recipe) -> int:
-    return default_nproc(recipe.parallel.nproc_per_node)
-
-
-def run_recipe(recipe_path: str, overrides: list[str]) -> int:
-    """Check everything, then start the workers on this machine (or run here if a launcher already did)."""
-    if detect_launcher() is not None:
-        from .train import main as worker
-
-        return worker([recipe_path, *overrides])
-    recipe = _load(recipe_path, overrides, world_size=_nproc, check_files=True)
-    return spawn_workers("launcher.train", [recipe_path, *overrides], _nproc(recipe), recipe.train.preempt_signals)
+from .config import ConfigError, to_yaml
+from .engine import PLANS
+from .launch import default_nproc
+from .run import load_or_exit, run_recipe
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -40,7 +20,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    recipe = _load(args.recipe, args.overrides)
+    recipe = load_or_exit(args.recipe, args.overrides)
     gpus = args.gpus_per_node or default_nproc(recipe.parallel.nproc_per_node)
     world = args.nodes * gpus
     try:
@@ -49,7 +29,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     from .metrics import flops_per_token
-    from .model import load_config
+    from .model import load_config, param_counts
 
     print(to_yaml(recipe), end="")
     print("---")
@@ -65,9 +45,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     }
     try:
         cfg = load_config(recipe)
-        n = _count_params(cfg)
+        n = param_counts(cfg, recipe.model.trust_remote_code).total
         lines["model"] = f"{cfg.model_type}, {n / 1e9:.3f}B parameters"
-        lines["training FLOPs"] = f"{flops_per_token(cfg, recipe.data.seq_len, n_params=n):.3e} per token"
+        lines["training FLOPs"] = f"{flops_per_token(cfg, recipe.data.seq_len, n):.3e} per token"
     except (OSError, ValueError) as e:
         lines["model"] = f"config not readable here ({e})"
         cfg = None
@@ -105,15 +85,6 @@ def _plan_memory(recipe, cfg, world: int, gpu_memory_gib: float | None) -> int:
     return 0
 
 
-def _count_params(cfg) -> int:
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(cfg)
-    return sum(p.numel() for p in model.parameters())
-
-
 def cmd_export(args: argparse.Namespace) -> int:
     from .checkpoint import export
 
@@ -123,7 +94,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    engine_config = {"deepspeed": "zero3.json", "fsdp": "fsdp.yaml"}[args.engine]
+    engine_config = PLANS[args.engine].default_config
     with tempfile.TemporaryDirectory(prefix="cpt-eval-") as tmp:
         recipe = Path(tmp) / "eval.yaml"
         recipe.write_text(
@@ -176,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seq-len", type=int, default=2048)
     e.add_argument("--batch-size", type=int, default=1)
     e.add_argument("--nproc", type=int, default=None)
-    e.add_argument("--engine", choices=["deepspeed", "fsdp"], default="deepspeed")
+    e.add_argument("--engine", choices=list(PLANS), default="deepspeed")
     e.set_defaults(func=cmd_eval)
 
     x = sub.add_parser("export", help="consolidated Hugging Face model from a checkpoint")

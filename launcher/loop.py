@@ -19,9 +19,10 @@ from .config import Recipe, to_yaml
 from .data import TrainStream, eval_blocks
 from .engine import Engine, build_engine
 from .evaluate import evaluate
+from .files import atomic_write
 from .launch import DistInfo
 from .metrics import Throughput, flops_per_token, memory_stats, mfu, peak_flops
-from .model import count_parameters, load_config, load_tokenizer, save_hf_model
+from .model import load_config, load_tokenizer, save_hf_model
 from .preemption import PREEMPTED_EXIT_CODE, Preemption
 from .profiling import StepProfiler
 
@@ -43,7 +44,7 @@ class Trainer:
         self.config = load_config(recipe)
         if info.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "resolved_recipe.yaml").write_text(to_yaml(recipe))
+            atomic_write(self.out / "resolved_recipe.yaml", to_yaml(recipe))
         self.callbacks = CallbackList(
             (callbacks if callbacks is not None else default_callbacks(recipe)) if info.is_main else []
         )
@@ -73,7 +74,7 @@ class Trainer:
                               max_blocks=recipe.eval.max_blocks)
             for name, src in recipe.eval.sets.items()
         }  # fmt: skip
-        self.flops_per_token = flops_per_token(self.config, d.seq_len)
+        self.flops_per_token = flops_per_token(self.config, d.seq_len, self.engine.n_params())
         self.peak = peak_flops(info.device)
 
     def _resume(self) -> Path | None:
@@ -96,7 +97,7 @@ class Trainer:
         run = RunInfo(
             recipe=r, output_dir=self.out, world_size=self.info.world_size, grad_accum=self.layout.grad_accum,
             global_batch_size=self.layout.global_batch_size, tokens_per_step=self.layout.tokens_per_step,
-            n_params=count_parameters(self.engine.module), start_step=self.step, max_steps=t.max_steps,
+            n_params=self.engine.n_params(), start_step=self.step, max_steps=t.max_steps,
             resumed=self.resumed_from is not None,
             command=shlex.join(["python", "-m", "launcher.train", *sys.argv[1:]]),
         )  # fmt: skip
@@ -133,7 +134,7 @@ class Trainer:
             if t.save_every and self.step % t.save_every == 0 and self.step < t.max_steps:
                 self._save()
             preemption.note_step(time.perf_counter() - start)
-            if preemption.requested():
+            if preemption.requested_on_any_rank():
                 self._save()
                 self.preempted = True
                 log.warning("preempted by %s: checkpoint at step %d committed %.1f s after the signal; exiting "
@@ -189,7 +190,7 @@ class Trainer:
             "data_wait": data_wait,
             "skipped_steps": self.skipped_steps,
             **memory_stats(self.info.device),
-            **(self.stream.metrics() if self.stream is not None else {}),
+            **(self.stream.gather_metrics() if self.stream is not None else {}),
         }
         self.callbacks.on_step(self.step, metrics)
 

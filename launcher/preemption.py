@@ -53,8 +53,9 @@ class Preemption:
     def note_step(self, seconds: float) -> None:
         self.longest_step = max(self.longest_step, seconds)
 
-    def requested(self) -> bool:
-        """True on every rank once any rank has received a preemption signal. Collective."""
+    def requested_on_any_rank(self) -> bool:
+        """Collective: every rank must call it at the same point. True on every rank once any rank has received a
+        preemption signal."""
         flag = torch.tensor([1.0 if self.received else 0.0], device=self.device)
         if dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)

@@ -13,9 +13,9 @@ import json
 import time
 from pathlib import Path
 
-from .cli import run_recipe
 from .config import RECIPE_DIR
 from .quickstart_assets import build_base_config, build_corpora, build_tokenizer
+from .run import run_recipe
 
 
 def run_quickstart(out: Path, *, fast: bool = False) -> int:

@@ -17,20 +17,12 @@ import logging
 import os
 import sys
 import warnings
-from pathlib import Path
 
-from .config import ConfigError, load_recipe
-from .launch import (
-    EXIT_STATUS_ENV,
-    DistInfo,
-    LaunchError,
-    apply_launcher_env,
-    describe_collective_failure,
-    init_distributed,
-    teardown,
-    use_cpu_accelerator_if_no_gpu,
-)
+from . import launch
+from .config import ConfigError
+from .diagnostics import failure_message
 from .preemption import PREEMPTED_EXIT_CODE
+from .preflight import load_recipe
 
 FAILED_EXIT_CODE = 1
 
@@ -56,34 +48,16 @@ def setup_logging(rank: int) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def failure_message(error: BaseException, timeout_minutes: float) -> str | None:
-    """What to tell the user, without a traceback, about an error that ended training: bad data (file and line),
-    a checkpoint the storage refused (file and OS error), a collective whose peer stopped answering (which
-    collective, and the timeout). None for anything else, whose traceback is more use."""
-    from .checkpoint import CheckpointError
-    from .data import DataError
-    from .loop import TrainingStopped
-
-    if isinstance(error, (DataError, CheckpointError, TrainingStopped)):
-        return str(error)
-    return describe_collective_failure(error, timeout_minutes)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    apply_launcher_env()  # srun sets only its own variables: map them before anything reads RANK or WORLD_SIZE
+    launch.apply_launcher_env()  # srun sets only its own variables: map them before anything reads RANK
     setup_logging(int(os.environ.get("RANK", "0")))
-    use_cpu_accelerator_if_no_gpu()
+    launch.use_cpu_accelerator_if_no_gpu()
     try:
-        recipe = load_recipe(
-            args.recipe, args.overrides, world_size=int(os.environ.get("WORLD_SIZE", "1")), check_files=True
-        )
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    try:
-        info: DistInfo = init_distributed(recipe.parallel.timeout_minutes)
-    except LaunchError as e:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        recipe = load_recipe(args.recipe, args.overrides, world_size=world, check_files=True)
+        info = launch.init_distributed(recipe.parallel.timeout_minutes)
+    except (ConfigError, launch.LaunchError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     from .loop import Trainer
@@ -100,10 +74,9 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"error: rank {info.rank}: {message}\n")  # one write: ranks share the terminal
         sys.stderr.flush()
         return FAILED_EXIT_CODE
-    if trainer.preempted and info.is_main and os.environ.get(EXIT_STATUS_ENV):
-        # Before teardown, so the launcher that reads it never sees the workers gone and the file not yet there.
-        Path(os.environ[EXIT_STATUS_ENV]).write_text(str(PREEMPTED_EXIT_CODE))
-    teardown()
+    if trainer.preempted and info.is_main:
+        launch.leave_exit_status(PREEMPTED_EXIT_CODE)
+    launch.teardown()
     return PREEMPTED_EXIT_CODE if trainer.preempted else 0
 
 

@@ -16,10 +16,12 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import REPO, read_metrics, run, tiny_recipe, worker_env, write_recipe
 from slurm_cluster import SlurmCluster, install_problem
 
 from launcher import launch
+from launcher.launch import env as launch_env
 
 SBATCH = REPO / "slurm" / "pretrain.sbatch"
 BIN = Path(sys.executable).parent
@@ -263,18 +265,18 @@ SLURM_STEP = {"SLURM_JOB_ID": "4242", "SLURM_STEP_ID": "0", "SLURM_PROCID": "1",
 
 
 def test_slurm_environment_mapping():
-    assert launch._expand_counts("2(x3),1") == [2, 2, 2, 1]
-    assert launch._hostnames("gpu[01-02],cpu7") == ["gpu01", "gpu02", "cpu7"]
+    assert launch_env.expand_counts("2(x3),1") == [2, 2, 2, 1]
+    assert launch_env.hostnames("gpu[01-02],cpu7") == ["gpu01", "gpu02", "cpu7"]
     per_gpu = {**SLURM_STEP, "SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_STEP_NUM_TASKS": "8",
                "SLURM_STEP_TASKS_PER_NODE": "4(x2)", "MASTER_ADDR": "10.0.0.1"}  # fmt: skip
     assert launch.detect_launcher(per_gpu) == "slurm"
-    env = launch._slurm_env(per_gpu)
+    env = launch_env.slurm_env(per_gpu)
     assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"], env["LOCAL_WORLD_SIZE"]) == ("5", "8", "1", "4")
     assert env["MASTER_ADDR"] == "10.0.0.1" and env["MASTER_PORT"] == str(20000 + 4242 % 10000)
     # One task per node: that task is the node's `cpt run`, which starts the workers with a c10d rendezvous.
     per_node = {**SLURM_STEP, "SLURM_STEP_NUM_TASKS": "2", "SLURM_STEP_TASKS_PER_NODE": "1(x2)"}
     assert launch.detect_launcher(per_node) is None
-    assert launch._worker_launcher(per_node) == "slurm"  # but `python -m launcher.train` there is a worker
+    assert launch_env.worker_launcher(per_node) == "slurm"  # but `python -m launcher.train` there is a worker
     args = launch.rendezvous_args(per_node)
     assert "--nnodes=2" in args and "--rdzv-backend=c10d" in args and "--rdzv-id=cpt-4242.0" in args
     assert any(a.startswith("--rdzv-endpoint=") and a.endswith(":24242") for a in args)
@@ -287,7 +289,7 @@ def test_cpu_workers_per_node_from_the_environment(monkeypatch):
     monkeypatch.setenv(launch.NPROC_ENV, "3")
     assert launch.default_nproc(2) == 3
     monkeypatch.delenv(launch.NPROC_ENV)
-    if not launch.torch.cuda.is_available():
+    if not torch.cuda.is_available():
         assert launch.default_nproc(2) == 2 and launch.default_nproc(None) == 1
 
 

@@ -33,6 +33,7 @@ def zero_stage(recipe: Recipe) -> int:
 
 class DeepSpeedPlan(EnginePlan):
     name = "deepspeed"
+    default_config = "zero3.json"
 
     @classmethod
     def check(cls, recipe: Recipe, world_size: int | None = None) -> list[str]:

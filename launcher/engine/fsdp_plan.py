@@ -14,6 +14,7 @@ from .plan import EnginePlan
 
 class FsdpPlan(EnginePlan):
     name = "fsdp"
+    default_config = "fsdp.yaml"
 
     @classmethod
     def check(cls, recipe: Recipe, world_size: int | None = None) -> list[str]:

@@ -25,6 +25,8 @@ class EnginePlan:
     DeepSpeedPlan` and :class:`launcher.engine.fsdp_plan.FsdpPlan`; :func:`launcher.engine.plan_for` picks one."""
 
     name: ClassVar[str]
+    default_config: ClassVar[str]
+    """The engine config in ds_configs/ that ``cpt eval`` uses."""
 
     @classmethod
     def check(cls, recipe: Recipe, world_size: int | None = None) -> list[str]:

@@ -1,0 +1,36 @@
+"""``cpt run``: check the recipe, then start the workers on this machine, or train right here when a launcher
+already started this process as one of its workers (``torchrun ... -m launcher run RECIPE``).
+
+It sits above both the worker entry point (:mod:`launcher.train`) and the launch package, which knows nothing of
+training; ``cpt`` and the quickstart start runs through :func:`run_recipe`.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from . import train
+from .config import ConfigError, Recipe
+from .launch import default_nproc, detect_launcher, spawn_workers
+from .preflight import load_recipe
+
+
+def load_or_exit(recipe: str, overrides: list[str], **checks) -> Recipe:
+    """The checked recipe; on a problem, every problem printed and exit code 2."""
+    try:
+        return load_recipe(recipe, overrides, **checks)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def nproc(recipe: Recipe) -> int:
+    return default_nproc(recipe.parallel.nproc_per_node)
+
+
+def run_recipe(recipe_path: str, overrides: list[str]) -> int:
+    """Check everything, then start the workers on this machine (or run here if a launcher already did)."""
+    if detect_launcher() is not None:
+        return train.main([recipe_path, *overrides])
+    recipe = load_or_exit(recipe_path, overrides, world_size=nproc, check_files=True)
+    return spawn_workers("launcher.train", [recipe_path, *overrides], nproc(recipe), recipe.train.preempt_signals)
