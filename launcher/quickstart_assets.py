@@ -15,11 +15,12 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
-import os
 import sys
 import sysconfig
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+
+from .files import atomic_write
 
 CORPUS_FORMAT_VERSION = 1
 TOKENIZER_FORMAT_VERSION = 1
@@ -172,12 +173,6 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def _corpus_params(max_code_chars: int) -> dict:
     return {
         "format_version": CORPUS_FORMAT_VERSION,
@@ -231,10 +226,10 @@ def build_corpora(out_dir: Path, *, max_code_chars: int = 2_000_000) -> dict[str
     stats = {}
     for split, docs in splits.items():
         data = _jsonl_bytes(docs)
-        _write_atomic(paths[split], data)
+        atomic_write(paths[split], data)
         stats[split] = {"docs": len(docs), "chars": sum(map(len, docs)), "sha256": hashlib.sha256(data).hexdigest()}
     marker = {"params": params, "splits": stats}
-    _write_atomic(out_dir / CORPUS_MARKER, (json.dumps(marker, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+    atomic_write(out_dir / CORPUS_MARKER, (json.dumps(marker, indent=2, sort_keys=True) + "\n").encode("utf-8"))
     return paths
 
 
@@ -270,7 +265,7 @@ def _make_tokenizer_config_portable(out_dir: Path) -> None:
     config["tokenizer_class"] = "PreTrainedTokenizerFast"
     for key in ("is_local", "local_files_only"):
         config.pop(key, None)
-    _write_atomic(path, (json.dumps(config, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+    atomic_write(path, (json.dumps(config, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
 
 
 def build_tokenizer(out_dir: Path, train_files: list[Path], *, vocab_size: int = 4096) -> Path:
@@ -319,7 +314,7 @@ def build_tokenizer(out_dir: Path, train_files: list[Path], *, vocab_size: int =
     )
     hf_tok.save_pretrained(out_dir)
     _make_tokenizer_config_portable(out_dir)
-    _write_atomic(out_dir / TOKENIZER_MARKER, (json.dumps(params, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+    atomic_write(out_dir / TOKENIZER_MARKER, (json.dumps(params, indent=2, sort_keys=True) + "\n").encode("utf-8"))
     return out_dir
 
 
