@@ -29,8 +29,9 @@ def _warn_remote_code(recipe: Recipe, what: str, src: str | None) -> None:
 def load_config(recipe: Recipe) -> PretrainedConfig:
     m = recipe.model
     _warn_remote_code(recipe, "model config", config_source(recipe))
-    cfg = AutoConfig.from_pretrained(config_source(recipe), trust_remote_code=m.trust_remote_code)
-    cfg._attn_implementation = m.attn_implementation
+    cfg = AutoConfig.from_pretrained(
+        config_source(recipe), trust_remote_code=m.trust_remote_code, attn_implementation=m.attn_implementation
+    )
     cfg.use_cache = False
     return cfg
 

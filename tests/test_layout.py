@@ -93,6 +93,7 @@ PRIVATE = [
     "torch.load =",
     "torch.save =",
     "layer.forward =",
+    "._attn_implementation",
 ]
 
 
