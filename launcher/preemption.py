@@ -5,11 +5,15 @@ reaches only some ranks (or reaches them at different steps) still stops all of 
 
 The same signal is how launchers stop the survivors when a peer has died. Then the current step never ends (its
 collectives wait for the dead rank), so a watchdog exits the process once the step has taken far longer than
-steps usually do: a dead peer ends the job in about a minute instead of after the collective timeout.
+steps usually do: a dead peer ends the job in about a minute instead of after the collective timeout. A Python
+signal handler runs only when the main thread returns to the interpreter, which a rank blocked inside a
+collective never does; so the signal is also read from ``signal.set_wakeup_fd`` by a thread, which starts the
+watchdog at once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -33,13 +37,36 @@ class Preemption:
         self.at: float | None = None
         self.longest_step = 0.0
         self._acknowledged = threading.Event()
+        self._lock = threading.Lock()
+        self._signums = {int(getattr(signal, name)) for name in signals}
         for name in signals:
             signal.signal(getattr(signal, name), self._handle)
+        if self._signums:
+            read, write = os.pipe()
+            os.set_blocking(write, False)
+            # The interpreter writes each signal's number to this pipe from its C handler, at once.
+            self._chained = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+            threading.Thread(target=self._listen, args=(read,), daemon=True, name="preemption-signals").start()
 
     def _handle(self, signum: int, frame) -> None:
-        if self.received is not None:
-            return
-        self.received, self.at = signal.Signals(signum).name, time.monotonic()
+        self._note(signum)
+
+    def _listen(self, fd: int) -> None:
+        while data := os.read(fd, 64):
+            if self._chained >= 0:  # whoever set the wakeup fd before us still hears of every signal
+                with contextlib.suppress(OSError):
+                    os.write(self._chained, data)
+            for signum in data:
+                if signum in self._signums:
+                    self._note(signum)
+
+    def _note(self, signum: int) -> None:
+        """The first preemption signal: remember it and start the watchdog (from the handler or the listener,
+        whichever comes first)."""
+        with self._lock:
+            if self.received is not None:
+                return
+            self.received, self.at = signal.Signals(signum).name, time.monotonic()
         grace = max(MIN_STEP_GRACE_S, 4 * self.longest_step)
         threading.Thread(target=self._watchdog, args=(grace,), daemon=True, name="preemption-watchdog").start()
 

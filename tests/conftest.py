@@ -1,12 +1,18 @@
-"""Shared fixtures: a tiny real tokenizer, a tiny Llama base model and corpora, and real multi-process launches."""
+"""Shared fixtures: a tiny real tokenizer, a tiny Llama base model and corpora, real multi-process launches, a
+function run on several gloo ranks, and the end-of-run list of what did not run."""
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import traceback
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -94,3 +100,74 @@ def read_metrics(out: Path) -> list[dict]:
 
 def train_losses(out: Path) -> dict[int, float]:
     return {m["step"]: m["loss"] for m in read_metrics(out) if "loss" in m}
+
+
+# ----------------------------------------------------------------------------------- a function on several ranks
+
+
+def _rank_main(rank: int, world_size: int, port: int, func: Callable, args: tuple, results: Any) -> None:
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+        results.put((rank, True, func(*args)))
+    except BaseException:
+        results.put((rank, False, traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_distributed(func: Callable, world_size: int, *args: Any, timeout: float = 120) -> list[Any]:
+    """``func(*args)`` in ``world_size`` fresh processes joined in one gloo process group (OLMo-core's
+    ``run_distributed_test``); what each rank returned, in rank order. ``func`` must be defined at module level,
+    so that the spawned processes can import it; a rank that raises fails the test with its traceback."""
+    import multiprocessing
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = multiprocessing.get_context("spawn")  # fork after torch has started threads can deadlock
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_rank_main, args=(rank, world_size, port, func, args, results))
+             for rank in range(world_size)]  # fmt: skip
+    for proc in procs:
+        proc.start()
+    got: dict[int, Any] = {}
+    failures = []
+    try:
+        for _ in procs:
+            rank, ok, value = results.get(timeout=timeout)
+            if ok:
+                got[rank] = value
+            else:
+                failures.append(f"rank {rank}:\n{value}")
+    finally:
+        for proc in procs:
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.kill()
+    if failures:
+        pytest.fail("\n".join(failures))
+    return [got[rank] for rank in range(world_size)]
+
+
+# ------------------------------------------------------------------------------------------- what did not run
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    """Always, even under ``-q``: the tests that did not run, grouped by the reason they give, so that a green run
+    on a laptop never reads as "Slurm and GPUs tested"."""
+    skipped = [r for r in terminalreporter.stats.get("skipped", []) if getattr(r, "longrepr", None)]
+    if not skipped:
+        return
+    reasons: Counter[str] = Counter()
+    for report in skipped:
+        longrepr = report.longrepr
+        reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+        reasons[reason.removeprefix("Skipped: ")] += 1
+    terminalreporter.write_sep("=", f"NOT RUN: {len(skipped)} test(s) skipped; they are not tested by this run")
+    for reason, count in reasons.most_common():
+        terminalreporter.write_line(f"{count:4d}  {reason}")

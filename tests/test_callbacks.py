@@ -8,7 +8,10 @@ import os
 import pwd
 import re
 import shutil
+import struct
 import sys
+import time
+import zlib
 from pathlib import Path
 
 import pytest
@@ -26,9 +29,9 @@ from launcher.callbacks import (
     default_callbacks,
     plot_metrics,
 )
-from launcher.callbacks.base import is_secret_key, redact_args, scrub
 from launcher.callbacks.wandb import wandb_mode
 from launcher.config import LoggingConfig, Recipe, SourceConfig
+from launcher.redact import is_secret_key, redact_args, scrub
 
 SECRETS = ("secret-env-123", "secret-recipe-456", "secret-cmd-789", "secret-argv-000")
 
@@ -109,23 +112,29 @@ def test_metrics_jsonl_and_eval_results(tmp_path):
     recipe = make_recipe(tmp_path / "run")
     cb = MetricsJsonl()
     run = make_run(recipe)
+    began = time.time()
     cb.on_train_start(run)
     cb.on_eval(0, EVAL_BASE)
     for step in range(1, 11):
         cb.on_step(step, train_metrics(step))
     cb.on_eval(10, EVAL_LAST)
     cb.on_train_end(run, None)
+    ended = time.time()
 
     lines = read_lines(run.output_dir / "metrics.jsonl")
-    train = [r for r in lines if "eval" not in r]
-    assert [r["step"] for r in train] == list(range(1, 11))
-    assert all(r["mfu"] is None and "time" in r for r in train)
-    steps = [r["step"] for r in lines]
-    assert steps == sorted(steps)
-    assert lines[0] == {"step": 0, "eval": EVAL_BASE, "time": lines[0]["time"]}
+    train = [{k: v for k, v in r.items() if k != "time"} for r in lines if "eval" not in r]
+    assert train == [{"step": step, **train_metrics(step)} for step in range(1, 11)]
+    assert [r["step"] for r in lines] == [0, *range(1, 11), 10]
+    assert lines[0].keys() == {"step", "eval", "time"} and lines[0]["eval"] == EVAL_BASE
+    assert lines[-1]["eval"] == EVAL_LAST
+    # each line is stamped with the wall-clock time it was written at
+    times = [r["time"] for r in lines]
+    assert began <= times[0] and times == sorted(times) and times[-1] <= ended
     assert json.loads((run.output_dir / "eval_results.json").read_text()) == EVAL_LAST
-    # written atomically, yet as readable as a plainly opened file
-    assert (run.output_dir / "eval_results.json").stat().st_mode == (run.output_dir / "metrics.jsonl").stat().st_mode
+    # written atomically (through a private temporary file), yet as readable as a plainly opened file
+    plain_file = tmp_path / "plain"
+    plain_file.write_text("")
+    assert (run.output_dir / "eval_results.json").stat().st_mode == plain_file.stat().st_mode
 
 
 def test_resume_drops_the_steps_after_the_checkpoint(tmp_path):
@@ -175,7 +184,8 @@ def test_loss_plot_is_a_png(tmp_path):
     data = png.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
     assert plot_metrics(tmp_path / "missing.jsonl", tmp_path / "x.png") is None
-    assert plot_metrics(run.output_dir / "metrics.jsonl", tmp_path / "again.png") == tmp_path / "again.png"
+    again = plot_metrics(run.output_dir / "metrics.jsonl", tmp_path / "again.png")
+    assert again is not None and again.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_model_card(tmp_path):
@@ -270,26 +280,96 @@ def test_wandb_mode_resolution(tmp_path, monkeypatch):
     assert names == ["MetricsJsonl", "LossPlot", "ModelCard"]
 
 
-def offline_runs(out: Path, run_id: str) -> list[Path]:
-    return sorted((out / "wandb").glob(f"offline-run-*-{run_id}"))
+def wandb_records(path: Path) -> list:
+    """The records of a W&B transaction log (``run-<id>.wandb``), parsed with W&B's own protobuf schema. The file is
+    LevelDB's log format behind a 7-byte header (``:W&B``, magic 0xBEE1, version 0): 32 KiB blocks of chunks, each
+    ``crc32 | length | type | data``, where type 1 is a whole record and 2, 3, 4 its first, middle and last piece;
+    a block's tail too short for a chunk header is padding."""
+    from wandb.proto.wandb_internal_pb2 import Record
+
+    block, header, full, last = 32768, 7, 1, 4
+    data = path.read_bytes()
+    assert data[:header] == struct.pack("<4sHB", b":W&B", 0xBEE1, 0), f"{path} is not a W&B transaction log"
+    records, pending, pos = [], b"", header
+    while pos + header <= len(data):
+        if block - pos % block < header:
+            pos += block - pos % block
+            continue
+        crc, length, kind = struct.unpack_from("<IHB", data, pos)
+        chunk = data[pos + header : pos + header + length]
+        assert zlib.crc32(chunk, zlib.crc32(bytes([kind]))) == crc, f"bad checksum at byte {pos} of {path}"
+        pos += header + length
+        pending += chunk
+        if kind in (full, last):
+            record = Record()
+            record.ParseFromString(pending)
+            records.append(record)
+            pending = b""
+    return records
+
+
+def wandb_run(path: Path) -> tuple[str, dict[int, dict[str, float]]]:
+    """The run id a transaction log names and its history: {step: {key: value}}, W&B's own ``_`` keys left out."""
+    records = wandb_records(path)
+    [run_id] = [r.run.run_id for r in records if r.WhichOneof("record_type") == "run"]
+    history: dict[int, dict[str, float]] = {}
+    for r in records:
+        if r.WhichOneof("record_type") == "history":
+            row = history.setdefault(r.history.step.num, {})
+            for item in r.history.item:
+                key = item.key or "/".join(item.nested_key)
+                if not key.startswith("_"):
+                    row[key] = json.loads(item.value_json)
+    return run_id, history
+
+
+def metrics_as_logged(out: Path) -> dict[int, dict[str, float]]:
+    """metrics.jsonl under the names the W&B callback documents: ``train/<name>`` (None left out) and
+    ``eval/<set>/<loss|perplexity|tokens>``, one row per step."""
+    rows: dict[int, dict[str, float]] = {}
+    for rec in read_lines(out / "metrics.jsonl"):
+        row = rows.setdefault(rec["step"], {})
+        if "eval" in rec:
+            row.update({f"eval/{name}/{k}": v for name, res in rec["eval"].items() for k, v in res.items()})
+        else:
+            row.update({f"train/{k}": v for k, v in rec.items() if k not in ("step", "time") and v is not None})
+    return rows
+
+
+def wandb_logs(out: Path) -> list[Path]:
+    """Every transaction log W&B wrote under ``out``, once W&B has finished writing them. ``run.finish()`` returns
+    before W&B's service process has written the run's records (the log can still be its bare 7-byte header), so
+    this first shuts the service down, as the end of the training process does."""
+    import wandb
+
+    wandb.teardown()
+    # Each start gets a directory of its own: offline-run-<time>-<id>, with -1, -2, ... when two fall in one second.
+    return sorted((out / "wandb").glob("offline-run-*/run-*.wandb"))
 
 
 def test_wandb_offline_run_and_resume(tmp_path):
     recipe = make_recipe(tmp_path / "run", wandb="auto")
     out = Path(recipe.output_dir)
-    run = make_run(recipe, max_steps=6)
-    drive([WandbCallback(recipe)], run)
+    drive([MetricsJsonl(), WandbCallback(recipe)], make_run(recipe, max_steps=6))
     run_id = (out / "wandb_run_id").read_text().strip()
-    [first] = offline_runs(out, run_id)
-    assert (first / f"run-{run_id}.wandb").stat().st_size > 0
-
     resumed = make_run(recipe, start_step=6, resumed=True, max_steps=8)
-    drive([WandbCallback(recipe)], resumed)
-    assert (out / "wandb_run_id").read_text().strip() == run_id
-    assert len(list((out / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))) >= 1
+    drive([MetricsJsonl(), WandbCallback(recipe)], resumed)
+
+    logs = wandb_logs(out)
+    runs = [wandb_run(path) for path in logs]
+    assert [rid for rid, _ in runs] == [run_id, run_id], "the resumed run is not the same W&B run"
+    assert sorted(sorted(history) for _, history in runs) == [[0, 1, 2, 3, 4, 5, 6], [7, 8]]
+    logged = {step: row for _, history in runs for step, row in history.items()}
+    assert logged == metrics_as_logged(out)
+    assert logged[8]["train/loss"] == train_metrics(8)["loss"]
+    assert logged[8]["eval/domain/loss"] == EVAL_LAST["domain"]["loss"]
 
     drive([WandbCallback(recipe)], make_run(recipe, max_steps=2))  # a fresh start is a new W&B run
-    assert (out / "wandb_run_id").read_text().strip() != run_id
+    fresh = (out / "wandb_run_id").read_text().strip()
+    assert fresh != run_id
+    [new_log] = set(wandb_logs(out)) - set(logs)
+    fresh_id, history = wandb_run(new_log)
+    assert fresh_id == fresh and sorted(history) == [0, 1, 2]
 
 
 def test_no_secret_reaches_any_file(tmp_path, monkeypatch):
@@ -308,10 +388,12 @@ def test_no_secret_reaches_any_file(tmp_path, monkeypatch):
         "ModelCard",
     ]
     drive(callbacks, run, final_dir=final)
+    [log] = wandb_logs(run.output_dir)
+    # the W&B log holds the run's config (so a secret in it would show), less the secret-looking keys
+    assert b"HuggingFaceFW/fineweb-edu" in log.read_bytes() and b"zero_optimization" in log.read_bytes()
     written = [p for p in run.output_dir.rglob("*") if p.is_file()]
     names = {p.name for p in written}
     assert {"metrics.jsonl", "eval_results.json", "loss.png", "README.md", "wandb_run_id"} <= names
-    assert any(p.suffix == ".wandb" for p in written)
     for p in written:
         data = p.read_bytes()
         for secret in SECRETS:
@@ -376,7 +458,9 @@ def test_no_secret_reaches_the_log_or_any_file_of_a_real_run(secret_run):
     files = [p for p in out.rglob("*") if p.is_file()]
     names = {p.name for p in files}
     assert {"resolved_recipe.yaml", "README.md", "metrics.jsonl", "manifest.json", "wandb_run_id"} <= names
-    assert any(p.suffix == ".wandb" for p in files) and any(p.name.endswith("_states.pt") for p in files)
+    assert any(p.name.endswith("_states.pt") for p in files)
+    [wandb_log] = [p for p in files if p.suffix == ".wandb"]
+    assert str(out).encode() in wandb_log.read_bytes(), "the W&B log holds no config: a leak could not show"
     assert not leaks(files)
     # Masked, not dropped: the reader sees that a key was set.
     for recipe in [out / "resolved_recipe.yaml", *(out / "checkpoints").glob("step-*/resolved_recipe.yaml")]:

@@ -9,6 +9,7 @@ import os
 import re
 import resource
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -103,8 +104,10 @@ def test_a_rank_killed_mid_step_ends_the_job_within_60_s(assets, tmp_path):
     assert max(m["step"] for m in read_metrics(out) if "loss" in m) >= int(last.name.split("-")[1])
 
 
-def test_a_stopped_rank_stuck_in_a_collective_exits_by_itself(tmp_path):
-    """A signal arrives while the step can never finish (its peer is gone): the watchdog ends the process."""
+def test_the_preemption_watchdog_ends_a_step_that_never_finishes():
+    """A signal arrives and the step does not finish within the grace: the watchdog ends the process with its
+    message. The step here is Python code (a sleep), which the interpreter interrupts to run the signal handler
+    that starts the watchdog; a rank blocked inside a real collective is the next test."""
     script = (
         "import os, signal, time, torch\n"
         "import launcher.preemption as p\n"
@@ -112,13 +115,64 @@ def test_a_stopped_rank_stuck_in_a_collective_exits_by_itself(tmp_path):
         "pre = p.Preemption(['SIGTERM'], torch.device('cpu'))\n"
         "pre.note_step(0.1)\n"
         "os.kill(os.getpid(), signal.SIGTERM)\n"
-        "time.sleep(30)\n"  # stands for a collective that never returns
+        "time.sleep(30)\n"
     )
     start = time.time()
     p = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert p.returncode == 1
     assert time.time() - start < 15
     assert "a peer has probably died" in p.stderr
+
+
+# Two ranks whose every step is one gloo all-reduce, with a collective timeout far beyond the test's patience.
+COLLECTIVE_STEPS = """
+import datetime, itertools, sys, time, torch, torch.distributed as dist
+import launcher.preemption as preemption
+rank, port = int(sys.argv[1]), sys.argv[2]
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                        timeout=datetime.timedelta(seconds=600))
+preemption.MIN_STEP_GRACE_S = 1.0
+pre = preemption.Preemption(["SIGTERM"], torch.device("cpu"))
+value = torch.ones(1)
+for step in itertools.count(1):
+    start = time.monotonic()
+    dist.all_reduce(value)
+    pre.note_step(time.monotonic() - start)
+    print(f"step {step}", flush=True)
+"""
+
+
+def test_a_signal_ends_a_rank_blocked_in_a_collective_whose_peer_stopped():
+    """Rank 1 is stopped (SIGSTOP) between steps, so rank 0 waits in a real all_reduce that can never complete;
+    then rank 0 gets SIGTERM, as torchrun and Slurm send it. Its watchdog should end it within the grace (about a
+    second here), long before the 600 s collective timeout."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    ranks = [subprocess.Popen([sys.executable, "-c", COLLECTIVE_STEPS, str(rank), port], cwd=REPO,
+                              env=worker_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for rank in range(2)]  # fmt: skip
+    try:
+        while (line := ranks[0].stdout.readline()) != "step 3\n":
+            assert line, f"rank 0 ended before step 3: {ranks[0].communicate()[1][-3000:]}"
+        ranks[1].send_signal(signal.SIGSTOP)
+        time.sleep(2)  # rank 0 is in the next step's all_reduce by now, and cannot leave it
+        assert psutil.Process(ranks[0].pid).status() != psutil.STATUS_ZOMBIE
+        signalled = time.time()
+        ranks[0].send_signal(signal.SIGTERM)
+        try:
+            _, err = ranks[0].communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            pytest.fail("rank 0 was still blocked in the all_reduce 20 s after SIGTERM")
+        assert ranks[0].returncode == 1, err[-3000:]
+        assert time.time() - signalled < 20
+        assert "a peer has probably died" in err, err[-3000:]
+    finally:
+        for rank in ranks:
+            if rank.poll() is None:
+                rank.send_signal(signal.SIGCONT)
+                rank.kill()
+            rank.communicate()
 
 
 @pytest.mark.parametrize("engine, config", ENGINES)
@@ -193,7 +247,7 @@ def test_a_dtensor_collective_that_times_out_is_named_by_the_torch_call_and_our_
     """A DTensor collective (FSDP2's gradient norm) is waited on deep inside torch, with no distributed_c10d frame:
     the message names the public torch function our code called and our line. The traceback is a real one, through
     code compiled under torch's file names."""
-    from launcher.launch import _PACKAGE_DIR, describe_collective_failure
+    from launcher.diagnostics import _PACKAGE_DIR, describe_collective_failure
 
     def compiled(path: str, source: str, env: dict) -> None:
         exec(compile(source, path, "exec"), env)

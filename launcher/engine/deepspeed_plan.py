@@ -100,16 +100,21 @@ class DeepSpeedPlan(EnginePlan):
     def model_state_bytes(
         cls, recipe: Recipe, n_params: int, layer_params: int, layers: int, world: int, low: int
     ) -> dict[str, float]:
-        """ZeRO-3: bf16 and fp32 parameter partitions, fp32 gradient partitions and Adam states (``18 N / W``)
+        """ZeRO-3: bf16 parameter and gradient partitions, fp32 master partitions and Adam states (``16 N / W``)
         and, with the shipped ``stage3_max_live_parameters`` / ``stage3_max_reuse_distance``, gathered bf16
         parameters kept alive between forward and backward up to ``max_live_parameters``, plus the reduce bucket;
-        ZeRO-1/2 keep the whole bf16 model; ZeRO-0 everything. Offload moves the optimizer states off the GPU."""
+        ZeRO-1/2 keep the whole bf16 model; ZeRO-0 everything. Offload moves the optimizer states off the GPU.
+        ZeRO-3 is modelled with ``parallel.zero3_layer_gather`` (the default): gathering per submodule measured
+        7.7 GiB more on the 1.1B shape (2x H200, benchmarks/results/2026-11-28-speed-zero3-linear-b-NVIDIA-H200.json)."""
         n, stage, zero = n_params, zero_stage(recipe), zero_section(recipe)
         master_and_adam = 0.0 if cls.offloaded(recipe) else 12 * n / (world if stage >= 1 else 1)
         grads = low * n / (world if stage >= 2 else 1) + (4 * n if stage == 0 and low == 2 else 0)
         parts: dict[str, float] = {}
         if stage == 3:
-            grads = 4 * n / world  # ZeRO-3 accumulates gradient partitions in fp32
+            # ZeRO-3 keeps its gradient partitions in data_types.grad_accum_dtype, which defaults to the model's
+            # dtype (bf16 training: 2 bytes; measured on a real engine, tests/test_memory.py)
+            accum = (recipe.parallel.deepspeed.get("data_types") or {}).get("grad_accum_dtype")
+            grads = (4 if accum in ("fp32", "float32") else low) * n / world
             params = low * n / world
             live = zero.get("stage3_max_live_parameters", 1e9)
             live = float(live) if isinstance(live, (int, float)) else 1e9
