@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.profiler import ProfilerActivity, profile, record_function
+from torch.profiler import ProfilerActivity, profile, record_function, schedule
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def top_ops(prof: profile, device: bool, n: int = TOP_OPS) -> list[dict[str, Any
     """The operators with the most self time on the device (GPU runs) or the host (CPU runs)."""
     rows = []
     for a in prof.key_averages():
-        if a.key.startswith(STEP):  # our own step annotations span everything
+        if a.key.startswith((STEP, "ProfilerStep")):  # step annotations (ours, the schedule's) span everything
             continue
         dev_us = float(getattr(a, "self_device_time_total", 0) or 0)
         rows.append({"name": a.key, "calls": a.count, "self_device_ms": round(dev_us / 1e3, 3),
@@ -80,8 +80,9 @@ def top_ops(prof: profile, device: bool, n: int = TOP_OPS) -> list[dict[str, Any
 
 class StepProfiler:
     """Profiles optimizer steps ``first..last`` (counted from 1, inclusive) of this process: ``with
-    profiler.step(n):`` around each step of the loop starts the profiler at the first profiled step, annotates
-    each profiled step (ending it once the device has finished its work) and writes the results after the last."""
+    profiler.step(n):`` around each step of the loop. torch.profiler's own schedule decides when it records (the
+    step before the window warms it up) and hands the trace over after the last profiled step; each profiled step
+    is annotated and ends once the device has finished its work."""
 
     def __init__(self, steps: list[int], out_dir: Path, rank: int, device: torch.device):
         self.first, self.last = (steps[0], steps[-1]) if steps else (0, -1)
@@ -90,29 +91,41 @@ class StepProfiler:
         self.cuda = device.type == "cuda"
         self.prof: profile | None = None
         self.wall: dict[int, float] = {}
+        self.done = not steps
+
+    def _start(self, step: int) -> None:
+        """Start the profiler at ``step``, the first step this process runs (a resumed run starts late)."""
+        first = max(self.first, step)
+        warmup = 1 if first > step else 0
+        # warmup=0 only when the window opens at the very first step of the process
+        plan = schedule(wait=first - step - warmup, warmup=warmup, active=self.last - first + 1, repeat=1)
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
+        self.prof = profile(activities=activities, schedule=plan, on_trace_ready=self._write, record_shapes=False)
+        self.prof.start()
 
     @contextlib.contextmanager
     def step(self, step: int) -> Iterator[None]:
-        if not self.first <= step <= self.last:
+        if self.done or step > self.last:
             yield
             return
         if self.prof is None:
-            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
-            self.prof = profile(activities=activities, record_shapes=False, with_stack=False)
-            self.prof.__enter__()
-        start = time.perf_counter()
-        with record_function(f"{STEP}{step}"):
-            yield
-            if self.cuda:
-                torch.cuda.synchronize()
-        self.wall[step] = time.perf_counter() - start
-        if step == self.last:
-            self._write()
-
-    def _write(self) -> None:
+            self._start(step)
         assert self.prof is not None
-        prof, self.prof = self.prof, None
-        prof.__exit__(None, None, None)
+        start = time.perf_counter()
+        if self.first <= step:
+            with record_function(f"{STEP}{step}"):
+                yield
+                if self.cuda:
+                    torch.cuda.synchronize()
+            self.wall[step] = time.perf_counter() - start
+        else:
+            yield
+        self.prof.step()  # after the last profiled step this calls _write
+        if step == self.last:
+            self.prof.stop()
+            self.done = True
+
+    def _write(self, prof: profile) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         path = self.dir / f"rank{self.rank}.trace.json.gz"
         prof.export_chrome_trace(str(path))  # compressed for a .gz name

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
@@ -147,3 +149,27 @@ def test_profile_busy_share_is_the_union_of_compute_kernels_in_the_step_window()
     assert s["compute_kernel_s"] == pytest.approx(500e-6)
     assert s["comm_kernel_s"] == pytest.approx(300e-6)
     assert trace_summary({"traceEvents": [ev("aten::mm", "cpu_op", 0, 5)]}) == {}
+
+
+@pytest.mark.parametrize("start, profiled", [(1, [2, 3]), (3, [3])])
+def test_profiler_records_exactly_the_asked_steps_also_after_a_resume(tmp_path, start, profiled):
+    """Steps 2-3 of a run that starts at step 1, and of one resumed at step 3 (only the steps it runs): the trace
+    holds our annotation of those steps and no other, and matrix products done in them."""
+    import gzip
+
+    from launcher.profiling import StepProfiler
+
+    profiler = StepProfiler([2, 3], tmp_path, 0, torch.device("cpu"))
+    x = torch.randn(64, 64)
+    for step in range(start, 6):
+        with profiler.step(step):
+            for _ in range(5):
+                x = (x @ x).tanh()
+    summary = json.loads((tmp_path / "profile" / "rank0.summary.json").read_text())
+    assert summary["steps"] == [profiled[0], profiled[-1]] and len(summary["step_wall_s"]) == len(profiled)
+    with gzip.open(tmp_path / "profile" / "rank0.trace.json.gz", "rt") as f:
+        events = json.load(f)["traceEvents"]
+    annotated = sorted({e["name"] for e in events if str(e.get("name", "")).startswith("step ")})
+    assert annotated == [f"step {s}" for s in profiled]
+    assert any(e.get("name") == "aten::mm" for e in events)
+    assert all(not op["name"].startswith(("step ", "ProfilerStep")) for op in summary["top_ops"])
