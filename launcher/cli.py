@@ -118,6 +118,29 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    """Who holds ``output_dir``, whether that run is alive, and how far it got."""
+    from .callbacks.base import read_metrics
+    from .checkpoint import complete_checkpoints
+    from .launch.lock import status
+
+    out = Path(args.output_dir)
+    if not out.is_dir():
+        print(f"error: {out}: no such directory", file=sys.stderr)
+        return 2
+    owner, alive = status(out)
+    if owner is None:
+        print(f"{'run':>16}: {'running (owner not recorded)' if alive else 'not running'}")
+    else:
+        print(f"{'run':>16}: {'running' if alive else 'not running'}: {owner.describe()}")
+    steps = [r["step"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+    print(f"{'last step':>16}: {steps[-1] if steps else 'none logged'}")
+    ckpts = complete_checkpoints(out)
+    print(f"{'last checkpoint':>16}: {ckpts[-1] if ckpts else 'none'}")
+    print(f"{'final model':>16}: {out / 'final' if (out / 'final' / 'config.json').is_file() else 'not written'}")
+    return 0
+
+
 def cmd_quickstart(args: argparse.Namespace) -> int:
     from .quickstart import run_quickstart
 
@@ -155,6 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("out")
     x.add_argument("--max-shard-size", default="5GB", help="largest safetensors file, e.g. 5GB, 500MB")
     x.set_defaults(func=cmd_export)
+
+    st = sub.add_parser("status", help="who runs in an output_dir, whether it is alive, last step and checkpoint")
+    st.add_argument("output_dir")
+    st.set_defaults(func=cmd_status)
 
     q = sub.add_parser("quickstart", help="the whole workflow on this machine, no GPU or network needed")
     q.add_argument("--output-dir", default="runs/quickstart")

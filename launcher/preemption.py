@@ -29,6 +29,9 @@ PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: the job should be requeued, and resumes
 STUCK_EXIT_CODE = 1
 MIN_STEP_GRACE_S = 60.0
 
+SIGNALLED = threading.Event()
+"""Set once this process received a preemption signal: it is saving a checkpoint, whatever else goes away."""
+
 
 class Preemption:
     def __init__(self, signals: list[str], device: torch.device):
@@ -67,6 +70,7 @@ class Preemption:
             if self.received is not None:
                 return
             self.received, self.at = signal.Signals(signum).name, time.monotonic()
+            SIGNALLED.set()
         grace = max(MIN_STEP_GRACE_S, 4 * self.longest_step)
         threading.Thread(target=self._watchdog, args=(grace,), daemon=True, name="preemption-watchdog").start()
 

@@ -7,11 +7,13 @@ training; ``cpt`` and the quickstart start runs through :func:`run_recipe`.
 
 from __future__ import annotations
 
+import os
 import sys
 
 from . import train
 from .config import ConfigError, Recipe
-from .launch import default_nproc, detect_launcher, spawn_workers
+from .launch import LockHeld, RunLock, default_nproc, detect_launcher, job_token, spawn_workers
+from .launch.lock import TOKEN_ENV
 from .preflight import load_recipe
 
 
@@ -33,4 +35,15 @@ def run_recipe(recipe_path: str, overrides: list[str]) -> int:
     if detect_launcher() is not None:
         return train.main([recipe_path, *overrides])
     recipe = load_or_exit(recipe_path, overrides, world_size=nproc, check_files=True)
-    return spawn_workers("launcher.train", [recipe_path, *overrides], nproc(recipe), recipe.train.preempt_signals)
+    # The lock is this job's from here on: the workers (and, under Slurm, every node's cpt run) carry its token.
+    os.environ[TOKEN_ENV] = token = job_token()
+    lock = RunLock(recipe.output_dir, token)
+    try:
+        lock.acquire()
+    except LockHeld as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        return spawn_workers("launcher.train", [recipe_path, *overrides], nproc(recipe), recipe.train.preempt_signals)
+    finally:
+        lock.release()

@@ -19,9 +19,9 @@ import sys
 import warnings
 
 from . import launch
-from .config import ConfigError
+from .config import ConfigError, Recipe
 from .diagnostics import failure_message
-from .preemption import PREEMPTED_EXIT_CODE
+from .preemption import PREEMPTED_EXIT_CODE, SIGNALLED
 from .preflight import load_recipe
 
 FAILED_EXIT_CODE = 1
@@ -50,16 +50,31 @@ def setup_logging(rank: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    launch.apply_launcher_env()  # srun sets only its own variables: map them before anything reads RANK
-    setup_logging(int(os.environ.get("RANK", "0")))
+    launcher = launch.apply_launcher_env()  # srun sets only its own variables: map them before anything reads RANK
+    rank = int(os.environ["RANK"])
+    setup_logging(rank)
     launch.use_cpu_accelerator_if_no_gpu()
+    if launcher is not None:
+        launch.watch_launcher(rank, launcher, saving=SIGNALLED.is_set)
+    lock = None
     try:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         recipe = load_recipe(args.recipe, args.overrides, world_size=world, check_files=True)
+        if rank == 0:
+            lock = launch.RunLock(recipe.output_dir, launch.job_token())
+            lock.acquire()
         info = launch.init_distributed(recipe.parallel.timeout_minutes)
-    except (ConfigError, launch.LaunchError) as e:
+    except (ConfigError, launch.LaunchError, launch.LockHeld) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    try:
+        return _train(recipe, info)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(recipe: Recipe, info: launch.DistInfo) -> int:
     from .loop import Trainer
 
     # On failure no barrier: the peers may be inside another collective, and waiting for them would turn one

@@ -105,7 +105,7 @@ class DeepSpeedPlan(EnginePlan):
         parameters kept alive between forward and backward up to ``max_live_parameters``, plus the reduce bucket;
         ZeRO-1/2 keep the whole bf16 model; ZeRO-0 everything. Offload moves the optimizer states off the GPU.
         ZeRO-3 is modelled with ``parallel.zero3_layer_gather`` (the default): gathering per submodule measured
-        7.7 GiB more on the 1.1B shape (2x H200, benchmarks/results/2026-11-28-speed-zero3-linear-b-NVIDIA-H200.json)."""
+        7.7 GiB more on the 1.1B shape (2x H200, benchmarks/results/2026-11-28-speed-zero3-linear-b-*.json)."""
         n, stage, zero = n_params, zero_stage(recipe), zero_section(recipe)
         master_and_adam = 0.0 if cls.offloaded(recipe) else 12 * n / (world if stage >= 1 else 1)
         grads = low * n / (world if stage >= 2 else 1) + (4 * n if stage == 0 and low == 2 else 0)

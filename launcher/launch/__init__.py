@@ -6,11 +6,15 @@
   :class:`LaunchError`).
 - ``spawn``: ``cpt run`` starting the workers itself through torchrun (and srun), relaying preemption signals
   and returning the workers' own exit code.
+- ``lifeline``: workers exit when the launch processes above them are gone (torchrun dies with ``cpt run``).
+- ``lock``: one live job per ``output_dir``.
 
 Workers import from here; nothing in this package imports the training code above it.
 """
 
 from .env import apply_launcher_env, detect_launcher, free_port, node_address, resolves, use_cpu_accelerator_if_no_gpu
+from .lifeline import watch_launcher
+from .lock import LockHeld, RunLock, job_token
 from .spawn import (
     EXIT_STATUS_ENV,
     NPROC_ENV,
@@ -43,6 +47,8 @@ __all__ = [
     "SRUN_ENV",
     "DistInfo",
     "LaunchError",
+    "LockHeld",
+    "RunLock",
     "apply_launcher_env",
     "check_world",
     "default_nproc",
@@ -50,6 +56,7 @@ __all__ = [
     "detect_launcher",
     "free_port",
     "init_distributed",
+    "job_token",
     "leave_exit_status",
     "node_address",
     "rendezvous_args",
@@ -57,4 +64,5 @@ __all__ = [
     "spawn_workers",
     "teardown",
     "use_cpu_accelerator_if_no_gpu",
+    "watch_launcher",
 ]

@@ -26,6 +26,7 @@ import torch
 
 from ..preemption import PREEMPTED_EXIT_CODE
 from .env import expand_counts, hostnames, in_step, job_port, node_address, one_task_per_node, step_counts
+from .lifeline import die_with_parent
 
 log = logging.getLogger(__package__)
 
@@ -115,9 +116,12 @@ def _srun_command(env: dict[str, str]) -> list[str] | None:
     return [*cmd, sys.executable, "-m", "launcher", *sys.argv[1:]]
 
 
-def _ignore(names: Sequence[str]) -> Callable[[], None]:
+def _torchrun_preexec(ignored: Sequence[str]) -> Callable[[], None]:
+    """torchrun ignores the preemption signals (they are relayed to the workers) and dies with ``cpt run``."""
+
     def preexec() -> None:
-        for name in names:
+        die_with_parent()
+        for name in ignored:
             signal.signal(getattr(signal, name), signal.SIG_IGN)
 
     return preexec
@@ -153,7 +157,7 @@ def spawn_workers(module: str, args: list[str], nproc: int, preempt_signals: Seq
     status = Path(tempfile.mkdtemp(prefix="cpt-")) / "exit_code"
     env[EXIT_STATUS_ENV] = str(status)
     try:
-        rc = _run_relaying(cmd, env, sorted({"SIGTERM", "SIGINT", *preempt}), preempt, _ignore(preempt))
+        rc = _run_relaying(cmd, env, sorted({"SIGTERM", "SIGINT", *preempt}), preempt, _torchrun_preexec(preempt))
         if status.is_file() and status.read_text().strip() == str(PREEMPTED_EXIT_CODE):
             rc = PREEMPTED_EXIT_CODE
     finally:

@@ -1,0 +1,150 @@
+"""Workers die with their launcher, and one output_dir has one live job: real launchers (cpt run, torchrun, the
+deepspeed CLI), killed with SIGKILL mid-training, and two jobs started on one output_dir."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from conftest import REPO, cpt, read_metrics, tiny_recipe, worker_env, write_recipe
+from test_faults import committed_steps, logged_steps
+from test_preemption import wait_for_step
+
+from launcher.checkpoint import verify
+
+BIN = Path(sys.executable).parent
+ENGINES = [("deepspeed", "zero3.json"), ("fsdp", "fsdp.yaml")]
+
+
+def long_recipe(assets, tmp_path: Path, engine: str, config: str, max_steps: int = 100_000) -> tuple[Path, Path]:
+    out = tmp_path / "run"
+    train = {"max_steps": max_steps, "save_every": 2, "log_every": 1, "schedule": "constant", "export_final": False}
+    parallel = {"engine": engine, "config": config, "nproc_per_node": 2}
+    tree = tiny_recipe(assets, out, train=train, eval={"sets": {}}, parallel=parallel)
+    return write_recipe(tmp_path / "recipe.yaml", tree), out
+
+
+def launch(kind: str, recipe: Path, port: int) -> subprocess.Popen:
+    """The job as a user starts it, in its own session (so the test can find and clean up all of it)."""
+    cmd = {
+        "cpt": [sys.executable, "-m", "launcher", "run", str(recipe)],
+        "deepspeed": [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(port), "--module",
+                      "launcher.train", str(recipe)],
+    }[kind]  # fmt: skip
+    return subprocess.Popen(cmd, cwd=REPO, env=worker_env(), start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+
+
+def of_the_job(recipe: Path) -> list[psutil.Process]:
+    """Every process in the process table whose command line names this job's (unique) recipe."""
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if str(recipe) in " ".join(p.info["cmdline"] or []) and p.status() != psutil.STATUS_ZOMBIE:
+                found.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
+def the_launcher(kill: str, proc: subprocess.Popen) -> psutil.Process:
+    """The process to kill: ``cpt run`` itself, the torchrun agent it started, or the deepspeed runner."""
+    if kill == "torchrun-agent":
+        return next(c for c in psutil.Process(proc.pid).children(recursive=True)
+                    if "torch.distributed.run" in " ".join(c.cmdline()))  # fmt: skip
+    return psutil.Process(proc.pid)
+
+
+@pytest.mark.parametrize("kill", ["cpt", "torchrun-agent", "deepspeed"])
+@pytest.mark.parametrize("engine, config", ENGINES)
+def test_killing_the_launcher_leaves_no_worker_and_the_rerun_resumes(assets, tmp_path, kill, engine, config):
+    recipe, out = long_recipe(assets, tmp_path, engine, config)
+    proc = launch("deepspeed" if kill == "deepspeed" else "cpt", recipe, 29531)
+    try:
+        wait_for_step(out, 3, proc)
+        assert len(of_the_job(recipe)) >= 3, "the workers are not running"
+        the_launcher(kill, proc).kill()
+        deadline = time.time() + 30
+        while of_the_job(recipe) and time.time() < deadline:
+            time.sleep(0.5)
+        left = [" ".join(p.cmdline()) for p in of_the_job(recipe)]
+        assert not left, f"still running 30 s after the launcher was killed: {left}"
+        log = proc.communicate(timeout=30)[0]
+    finally:
+        for p in of_the_job(recipe):
+            p.kill()
+    assert "is gone; stopping without saving" in log, log[-4000:]
+    kept = committed_steps(out)
+    assert kept, "no checkpoint was committed before the kill"
+    last = out / "checkpoints" / f"step-{kept[-1]}"
+    assert verify(last) is None
+    newest = max(logged_steps(out))
+
+    p = cpt("run", str(recipe), f"train.max_steps={newest + 2}")
+    assert f"resumed from {last} at step {kept[-1]}" in p.stderr
+    steps = logged_steps(out)
+    assert steps == list(range(1, newest + 3)), steps
+
+
+def test_a_second_run_on_the_same_output_dir_is_refused_and_the_first_finishes(assets, tmp_path):
+    recipe, out = long_recipe(assets, tmp_path, "fsdp", "fsdp.yaml", max_steps=14)
+    first = launch("cpt", recipe, 0)
+    try:
+        wait_for_step(out, 2, first)
+        owner = json.loads((out / ".cpt-owner.json").read_text())
+        assert owner["pid"] == first.pid
+        start = time.time()
+        second = subprocess.run([sys.executable, "-m", "launcher", "run", str(recipe)], cwd=REPO, env=worker_env(),
+                                capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert second.returncode == 2, second.stderr[-3000:]
+        assert time.time() - start < 30
+        assert f"output_dir {out} is in use by another run: pid {first.pid} on " in second.stderr
+        assert "Traceback" not in second.stderr
+        log = first.communicate(timeout=300)[0]
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+    assert first.returncode == 0, log[-4000:]
+    assert logged_steps(out) == list(range(1, 15))
+    assert not (out / ".cpt-owner.json").exists(), "the finished run did not give its lock up"
+
+
+def test_a_lock_left_by_a_killed_job_does_not_block_the_next(assets, tmp_path):
+    recipe, out = long_recipe(assets, tmp_path, "deepspeed", "zero3.json")
+    proc = launch("cpt", recipe, 0)
+    try:
+        wait_for_step(out, 3, proc)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the whole job at once: nothing gets to clean up
+        proc.communicate()
+    assert json.loads((out / ".cpt-owner.json").read_text())["pid"] == proc.pid
+    status = cpt("status", str(out))
+    assert "not running" in status.stdout, status.stdout
+    done = max(committed_steps(out))
+    p = cpt("run", str(recipe), f"train.max_steps={done + 1}")
+    assert "taking over the lock of a job that is gone" in p.stderr
+    assert [m["step"] for m in read_metrics(out) if "loss" in m][-1] == done + 1
+
+
+def test_status_names_the_owner_and_the_progress_of_a_live_run(assets, tmp_path):
+    recipe, out = long_recipe(assets, tmp_path, "fsdp", "fsdp.yaml")
+    proc = launch("cpt", recipe, 0)
+    try:
+        wait_for_step(out, 3, proc)
+        text = cpt("status", str(out)).stdout
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+    assert f"running: pid {proc.pid} on " in text, text
+    fields = dict(line.strip().split(": ", 1) for line in text.splitlines())
+    # the run went on while status read it: what it reports lies between the step waited for and the last one
+    assert 3 <= int(fields["last step"]) <= max(logged_steps(out)), text
+    step = int(fields["last checkpoint"].rsplit("step-", 1)[1])
+    assert fields["last checkpoint"] == str(out / "checkpoints" / f"step-{step}") and step % 2 == 0, text
