@@ -34,6 +34,7 @@ LOCK_FILE = ".cpt-lock"
 OWNER_FILE = ".cpt-owner.json"
 HEARTBEAT_S = 30.0
 STALE_AFTER_S = 4 * HEARTBEAT_S
+RECORD_WAIT_S = 5.0
 TOKEN_ENV = "CPT_RUN_TOKEN"
 """Set by ``cpt run`` for the workers it starts: they belong to the job that holds the lock."""
 
@@ -122,6 +123,12 @@ class RunLock:
         owner = read_owner(self.dir)
         if not locked:
             os.close(fd)
+            # The holder writes its record just after taking the OS lock: give it a moment (nodes of one job
+            # start together).
+            deadline = time.monotonic() + RECORD_WAIT_S
+            while owner is None and time.monotonic() < deadline:
+                time.sleep(0.1)
+                owner = read_owner(self.dir)
             if owner is not None and owner.token == self.token:
                 return False
             raise LockHeld(self._refusal(owner))
