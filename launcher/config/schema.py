@@ -113,6 +113,9 @@ class DataConfig:
 class TrainConfig:
     max_steps: int = 1000
     """Optimizer steps to run. 0 evaluates the model and exits."""
+    max_tokens: int | None = None
+    """Length of the run in training tokens ("10B tokens of domain data"), instead of ``max_steps``: the steps are
+    derived from it and the tokens per step (global batch x seq_len), rounding up, and logged."""
     micro_batch_size: int = 1
     """Sequences per GPU (or CPU process) per forward pass."""
     global_batch_size: int | None = None
@@ -235,6 +238,8 @@ class LoggingConfig:
     """W&B tags."""
     progress: bool = True
     """Progress bar on rank 0."""
+    tensorboard: bool = False
+    """Also write TensorBoard event files (rank 0) under output_dir/tensorboard."""
 
 
 @dataclass
