@@ -122,9 +122,12 @@ def test_a_lock_left_by_a_killed_job_does_not_block_the_next(assets, tmp_path):
     try:
         wait_for_step(out, 3, proc)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the whole job at once: nothing gets to clean up
+        os.killpg(proc.pid, signal.SIGKILL)  # cpt run and torchrun at once: nothing gets to clean up
         proc.communicate()
     assert json.loads((out / ".cpt-owner.json").read_text())["pid"] == proc.pid
+    deadline = time.time() + 30
+    while of_the_job(recipe) and time.time() < deadline:  # the workers (in sessions of their own) follow
+        time.sleep(0.5)
     status = cpt("status", str(out))
     assert "not running" in status.stdout, status.stdout
     done = max(committed_steps(out))

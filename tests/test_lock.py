@@ -11,10 +11,12 @@ import time
 import pytest
 from conftest import REPO
 
+import launcher.launch.lock as lock_module
 from launcher.launch.lock import OWNER_FILE, STALE_AFTER_S, LockHeld, RunLock, job_token, read_owner
 
 HOLD = """
 import sys, time
+import launcher.launch.lock as lock_module
 from launcher.launch.lock import RunLock
 RunLock(sys.argv[1], "holder").acquire()
 print("held", flush=True)
@@ -30,16 +32,23 @@ def record(out, **fields) -> None:
     (out / OWNER_FILE).write_text(json.dumps(owner))
 
 
-def test_a_live_holder_refuses_others_until_it_dies(tmp_path):
+def test_a_live_holder_refuses_others_until_it_and_its_job_are_gone(tmp_path, monkeypatch):
+    monkeypatch.setattr(lock_module, "DYING_WAIT_S", 1.0)
     holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline() == "held\n"
         with pytest.raises(LockHeld, match=rf"in use by another run: pid {holder.pid} on "):
             RunLock(tmp_path, "another-job").acquire()
-        assert RunLock(tmp_path, "holder").acquire() is False  # a process of the same job: the holder is its own
+        worker = RunLock(tmp_path, "holder")  # a process of the same job (a worker of cpt run) shares the lock
+        assert worker.acquire() is False
     finally:
         holder.kill()
         holder.wait()
+    # The owner is gone but a process of its job still runs: a new job waits for it, then refuses.
+    with pytest.raises(LockHeld, match=rf"pid {holder.pid} on "):
+        RunLock(tmp_path, "another-job").acquire()
+    worker.release()
+    assert (tmp_path / OWNER_FILE).exists(), "a process that shared the lock removed the owner's record"
     lock = RunLock(tmp_path, "another-job")
     assert lock.acquire() is True
     assert read_owner(tmp_path).token == "another-job"

@@ -25,7 +25,7 @@ from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 
-POLL_S = 1.0
+POLL_S = 0.5
 GONE_EXIT_CODE = 1
 _LAUNCH_COMMANDS = ("torch.distributed.run", "torchrun", "deepspeed", "-m launcher", "/cpt ", "launcher.train")
 

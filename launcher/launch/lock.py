@@ -35,6 +35,8 @@ OWNER_FILE = ".cpt-owner.json"
 HEARTBEAT_S = 30.0
 STALE_AFTER_S = 4 * HEARTBEAT_S
 RECORD_WAIT_S = 5.0
+DYING_WAIT_S = 30.0
+"""How long a new job waits for the processes of one whose owner is gone to end (they stop within seconds)."""
 TOKEN_ENV = "CPT_RUN_TOKEN"
 """Set by ``cpt run`` for the workers it starts: they belong to the job that holds the lock."""
 
@@ -90,6 +92,16 @@ def _alive_here(owner: Owner) -> bool:
     return owner.pid_started is None or abs(started - owner.pid_started) < 1.0
 
 
+def _try_flock(fd: int, kind: int) -> bool:
+    try:
+        fcntl.flock(fd, kind | fcntl.LOCK_NB)
+        return True
+    except OSError as e:
+        if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise
+        return False
+
+
 def read_owner(output_dir: str | Path) -> Owner | None:
     try:
         data = json.loads((Path(output_dir) / OWNER_FILE).read_text())
@@ -110,43 +122,68 @@ class RunLock:
         self._stop = threading.Event()
 
     def acquire(self) -> bool:
-        """True when this process now holds the lock, False when another process of the same job does."""
+        """True when this process now owns the lock; False when another process of the same job owns it, and
+        this one shares it. Either way the OS lock stays held (shared) until :meth:`release` or the process ends:
+        the workers of a ``cpt run`` keep ``output_dir`` locked while they live, also when ``cpt run`` is gone."""
         self.dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            locked = True
-        except OSError as e:
-            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise
-            locked = False
+            return self._acquire(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def _acquire(self, fd: int) -> bool:
+        locked = _try_flock(fd, fcntl.LOCK_EX)
         owner = read_owner(self.dir)
         if not locked:
-            os.close(fd)
-            # The holder writes its record just after taking the OS lock: give it a moment (nodes of one job
+            # The owner writes its record just after taking the OS lock: give it a moment (nodes of one job
             # start together).
             deadline = time.monotonic() + RECORD_WAIT_S
             while owner is None and time.monotonic() < deadline:
                 time.sleep(0.1)
                 owner = read_owner(self.dir)
             if owner is not None and owner.token == self.token:
+                self._share(fd)
                 return False
-            raise LockHeld(self._refusal(owner))
+            if owner is not None and owner.host == socket.gethostname() and not _alive_here(owner):
+                # The owner is gone but processes it started still hold the lock: they stop within seconds
+                # when their launcher is gone (launch/lifeline.py), so wait for them instead of refusing.
+                log.warning("output_dir %s: waiting up to %.0f s for the processes of a run that is gone (%s) to "
+                            "end", self.dir, DYING_WAIT_S, owner.describe())  # fmt: skip
+                deadline = time.monotonic() + DYING_WAIT_S
+                while not locked and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                    locked = _try_flock(fd, fcntl.LOCK_EX)
+            if not locked:
+                raise LockHeld(self._refusal(owner))
         here = socket.gethostname()
         if owner is not None and owner.token != self.token:
             alive = _alive_here(owner) if owner.host == here else time.time() - owner.heartbeat < STALE_AFTER_S
             if alive:
-                os.close(fd)
                 raise LockHeld(self._refusal(owner))
             log.warning("output_dir %s: taking over the lock of a job that is gone (%s)", self.dir, owner.describe())
-        self._fd = fd
         now = time.time()
         pid = os.getpid()
         self._owner = Owner(here, pid, self.token, now, now, os.environ.get("SLURM_JOB_ID"), _process_started(pid))
         self._write()
+        # Shared from here on, so that this job's other processes can hold it too; a new job asking for it
+        # exclusively still waits. The record is written first: a job that slips in while the lock changes
+        # finds this live owner and refuses.
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        self._fd = fd
         self.held = True
         threading.Thread(target=self._beat, daemon=True, name="output-dir-lock-heartbeat").start()
         return True
+
+    def _share(self, fd: int) -> None:
+        """Hold the lock shared with the owner of this job (which holds it exclusively only for a moment)."""
+        deadline = time.monotonic() + RECORD_WAIT_S
+        while not _try_flock(fd, fcntl.LOCK_SH):
+            if time.monotonic() > deadline:
+                raise LockHeld(self._refusal(read_owner(self.dir)))
+            time.sleep(0.05)
+        self._fd = fd
 
     def _refusal(self, owner: Owner | None) -> str:
         who = owner.describe() if owner is not None else "a process that holds its lock file"
@@ -173,12 +210,14 @@ class RunLock:
                 self._write()
 
     def release(self) -> None:
-        """Give the lock up (a run that ends; the kernel releases it anyway when the process dies)."""
+        """Give the lock up (a run that ends; the kernel releases it anyway when the process dies). The owner
+        removes its record."""
         self._stop.set()
         if self._fd is None:
             return
-        with contextlib.suppress(OSError):
-            (self.dir / OWNER_FILE).unlink()
+        if self.held:
+            with contextlib.suppress(OSError):
+                (self.dir / OWNER_FILE).unlink()
         os.close(self._fd)
         self._fd = None
         self.held = False
