@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
 from .config import to_yaml
-from .engine import Engine, plan_for
+from .engine import PLANS, Engine, plan_for
 from .files import atomic_write, os_error_in, torch_save, write_text
 from .launch import DistInfo
 from .model import save_hf_model
@@ -234,11 +234,61 @@ def load(engine: Engine, info: DistInfo, path: Path) -> tuple[dict[str, Any], di
     return state, data_state
 
 
+def export_problem(checkpoint: Path, out_dir: Path | None = None) -> str | None:
+    """Why ``checkpoint`` cannot be exported (to ``out_dir``), naming the path and what to pass instead; None when
+    it can."""
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_dir():
+        what = "not a directory" if checkpoint.exists() else "no such directory"
+        return f"{checkpoint}: {what}; pass a checkpoint folder, e.g. runs/NAME/checkpoints/step-N"
+    if not (checkpoint / "trainer_state.json").is_file():
+        return f"{checkpoint}: {_instead_of(checkpoint)}"
+    problem = verify(checkpoint)
+    if problem is not None:
+        return f"{checkpoint}: cannot be exported: {problem}"
+    engine = json.loads((checkpoint / "trainer_state.json").read_text()).get("engine")
+    if engine not in PLANS:
+        return f"{checkpoint / 'trainer_state.json'}: unknown engine {engine!r} (known: {', '.join(PLANS)})"
+    if out_dir is not None:
+        out = Path(out_dir)
+        if out.exists() and not out.is_dir():
+            return f"{out}: not a directory; pass a directory for the model"
+        if out.resolve().is_relative_to(checkpoint.resolve()):
+            return f"{out}: inside the checkpoint {checkpoint}; pass a directory outside it"
+    return None
+
+
+def _newest_verified(output_dir: Path) -> Path | None:
+    return next((p for p in reversed(complete_checkpoints(output_dir)) if verify(p) is None), None)
+
+
+def _instead_of(path: Path) -> str:
+    """What ``path``, a directory without trainer_state.json, is, and the checkpoint to pass instead."""
+    name = path.name
+    if name.endswith(".tmp") and STEP_RE.match(name.removesuffix(".tmp")):
+        newest = _newest_verified(path.parent.parent)
+        instead = f"pass a complete one: the newest is {newest}" if newest else "the run has no complete checkpoint"
+        return f"an unfinished checkpoint (its save did not complete); {instead}"
+    if name == "checkpoints" and (newest := _newest_verified(path.parent)) is not None:
+        return f"holds a run's checkpoints; pass one of them, the newest is {newest}"
+    if (newest := _newest_verified(path)) is not None:
+        return f"a run's output_dir, not a checkpoint; pass its newest checkpoint {newest}"
+    if (path / "final" / "config.json").is_file():
+        return f"a run's output_dir without a complete checkpoint; its final model {path / 'final'} needs no export"
+    if (path / "config.json").is_file():
+        return "already a Hugging Face model (config.json, no trainer_state.json); it needs no export"
+    return "no trainer_state.json, so not a checkpoint; pass a checkpoint folder, e.g. runs/NAME/checkpoints/step-N"
+
+
 def export(checkpoint: Path, out_dir: Path, max_shard_size: str = "5GB") -> Path:
-    """A consolidated Hugging Face model from a checkpoint, in one process, without a process group."""
+    """A consolidated Hugging Face model from a checkpoint, in one process, without a process group. Raises
+    ValueError, naming the path, when ``checkpoint`` is not a complete checkpoint (see :func:`export_problem`)."""
     from transformers import AutoConfig, AutoTokenizer
 
     checkpoint = Path(checkpoint)
+    problem = export_problem(checkpoint, out_dir)
+    if problem is not None:
+        raise ValueError(problem)
     state = json.loads((checkpoint / "trainer_state.json").read_text())
     config = AutoConfig.from_pretrained(checkpoint / "hf")
     tokenizer = AutoTokenizer.from_pretrained(checkpoint / "hf")

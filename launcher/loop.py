@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-import shlex
+import os
 import sys
 import time
 from pathlib import Path
@@ -15,12 +15,14 @@ import torch.distributed as dist
 
 from . import checkpoint
 from .callbacks import Callback, CallbackList, RunInfo, default_callbacks
-from .config import Recipe, to_yaml
+from .callbacks.model_card import launch_command
+from .config import Recipe, eval_overlap_warnings, to_yaml
 from .data import TrainStream, eval_blocks
 from .engine import Engine, build_engine
 from .evaluate import evaluate
 from .files import atomic_write
 from .launch import DistInfo
+from .lengths import with_token_budget
 from .metrics import Throughput, flops_per_token, memory_stats, mfu, peak_flops
 from .model import load_config, load_tokenizer, save_hf_model
 from .preemption import PREEMPTED_EXIT_CODE, Preemption
@@ -36,19 +38,27 @@ class TrainingStopped(RuntimeError):
 
 class Trainer:
     def __init__(self, recipe: Recipe, info: DistInfo, callbacks: list[Callback] | None = None):
-        self.recipe = recipe
         self.info = info
         self.out = Path(recipe.output_dir)
         self.layout = recipe.batch_layout(info.world_size)
+        # With train.max_tokens, everything below (schedule, loop, outputs) sees the steps derived from it.
+        recipe = self.recipe = with_token_budget(recipe, self.layout)
+        # What takes the time before the first step (downloads, weights, DeepSpeed's op builds, data), with timings.
+        start = stage = time.perf_counter()
         self.tokenizer = load_tokenizer(recipe)
         self.config = load_config(recipe)
+        log.info("tokenizer and model config loaded in %.1f s", time.perf_counter() - stage)
         if info.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             atomic_write(self.out / "resolved_recipe.yaml", to_yaml(recipe))
         self.callbacks = CallbackList(
             (callbacks if callbacks is not None else default_callbacks(recipe)) if info.is_main else []
         )
+        log.info("building the model under %s (%s)", recipe.parallel.engine, recipe.parallel.config)
+        stage = time.perf_counter()
         self.engine: Engine = build_engine(recipe, info, self.layout, self.config)
+        log.info("engine ready in %.1f s", time.perf_counter() - stage)
+        stage = time.perf_counter()
         d = recipe.data
         # An evaluation-only run (train.max_steps=0) needs no training data.
         self.stream = (
@@ -63,19 +73,31 @@ class Trainer:
             if recipe.train.max_steps > 0
             else None
         )
+        if self.stream is not None:
+            log.info("training data opened in %.1f s", time.perf_counter() - stage)
         self.step = 0
         self.tokens_seen = 0
         self.preempted = False
         self.skipped_steps = 0
         self.skipped_in_a_row = 0
         self.resumed_from = self._resume()
+        self.passes = 0 if self.resumed_from is None else self._passes()
+        if info.is_main:
+            for warning in eval_overlap_warnings(recipe):
+                log.warning("%s", warning)
+        log.info("reading the eval sets: %s", ", ".join(recipe.eval_sources()) or "none")
+        stage = time.perf_counter()
         self.eval_sets = {
             name: eval_blocks(src, self.tokenizer, seq_len=d.seq_len, rank=info.rank, world_size=info.world_size,
                               max_blocks=recipe.eval.max_blocks)
-            for name, src in recipe.eval.sets.items()
+            for name, src in recipe.eval_sources().items()
         }  # fmt: skip
+        log.info("eval sets read in %.1f s (%s blocks on this rank)", time.perf_counter() - stage,
+                 ", ".join(f"{name}: {len(blocks)}" for name, blocks in self.eval_sets.items()) or "no")  # fmt: skip
         self.flops_per_token = flops_per_token(self.config, d.seq_len, self.engine.n_params())
         self.peak = peak_flops(info.device)
+        compiling = "; the first steps also compile the model (train.compile)" if recipe.train.compile else ""
+        log.info("set up in %.1f s%s", time.perf_counter() - start, compiling)
 
     def _resume(self) -> Path | None:
         """Resume from the newest complete checkpoint in output_dir; initialise from the base model otherwise."""
@@ -92,14 +114,20 @@ class Trainer:
     def fit(self) -> dict[str, dict[str, float]]:
         r, t = self.recipe, self.recipe.train
         if self.resumed_from is not None and self.step >= t.max_steps and t.max_steps > 0:
-            log.info("%s already reached train.max_steps=%d; nothing to do", self.resumed_from, t.max_steps)
+            if t.export_final and not (self.out / "final" / "config.json").is_file():
+                # the run that got there was stopped before its export: finish it
+                log.info("%s already reached train.max_steps=%d; writing the model it did not export",
+                         self.resumed_from, t.max_steps)  # fmt: skip
+                self._export()
+            else:
+                log.info("%s already reached train.max_steps=%d; nothing to do", self.resumed_from, t.max_steps)
             return {}
         run = RunInfo(
             recipe=r, output_dir=self.out, world_size=self.info.world_size, grad_accum=self.layout.grad_accum,
             global_batch_size=self.layout.global_batch_size, tokens_per_step=self.layout.tokens_per_step,
             n_params=self.engine.n_params(), start_step=self.step, max_steps=t.max_steps,
             resumed=self.resumed_from is not None,
-            command=shlex.join(["python", "-m", "launcher.train", *sys.argv[1:]]),
+            command=launch_command(os.environ, sys.argv[1:]),
         )  # fmt: skip
         self.callbacks.on_train_start(run)
         results: dict[str, dict[str, float]] = {}
@@ -125,6 +153,7 @@ class Trainer:
             self.step += 1
             self._check_finite(grad_norm)
             self.tokens_seen += self.layout.tokens_per_step
+            self._note_passes()
             if self.step % t.log_every == 0 or self.step == t.max_steps:
                 self._log(loss, grad_norm, lr, data_wait, time.perf_counter() - start, speed)
             else:
@@ -148,6 +177,24 @@ class Trainer:
         final = self._export() if t.export_final else None
         self.callbacks.on_train_end(run, final)
         return results
+
+    def _passes(self) -> int | None:
+        """Passes over the training data that every reader of this rank has finished (an epoch, with one source);
+        None until each reader's position is known."""
+        workers = self.stream.state_dict()["workers"] if self.stream is not None else None
+        if not workers or any(w is None for w in workers):
+            return None
+        return min(int(w["pass"]) for w in workers)
+
+    def _note_passes(self) -> None:
+        """Log the end of each pass on rank 0; the other ranks' readers end theirs within a few steps of it."""
+        passes = self._passes() if self.info.is_main else None
+        if passes is None:
+            return
+        if self.passes is not None and passes > self.passes:
+            log.info("step %d: pass %d over the training data complete (rank 0's share; %s tokens trained)",
+                     self.step, passes, f"{self.tokens_seen:,}")  # fmt: skip
+        self.passes = passes
 
     def _check_finite(self, grad_norm: float) -> None:
         """Apply ``train.nonfinite`` to a step whose update the engine dropped (non-finite gradient norm)."""

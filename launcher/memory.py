@@ -29,6 +29,9 @@ from .metrics import model_shape
 from .model import param_counts
 
 GIB = float(2**30)
+HEADROOM = 0.9
+"""The share of a GPU's memory a plan may fill: the estimate counts tensors, and the allocator's fragmentation, NCCL's
+buffers and the CUDA context need the rest."""
 
 
 @dataclass
@@ -96,7 +99,7 @@ def estimate(
 
 
 def suggest_micro_batch(
-    recipe: Recipe, config: Any, world_size: int, gpu_bytes: float, headroom: float = 0.9
+    recipe: Recipe, config: Any, world_size: int, gpu_bytes: float, headroom: float = HEADROOM
 ) -> tuple[int, int] | None:
     """The largest micro-batch whose estimate fits ``headroom`` of the GPU and divides the global batch, with
     the gradient accumulation it implies; None when not even 1 fits."""

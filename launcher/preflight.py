@@ -1,14 +1,19 @@
 """Everything checked before a process group exists: the recipe, the engine's config, the batch math for the world
-size, and (for a run) the local files it names. One call, every problem at once, each naming its key or path."""
+size, and (for a run) the files it names, local or on the Hugging Face hub. One call, every problem at once, each
+naming its key or path. Also here: where ``cpt plan`` finds a model's config without waiting on the network."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
-from .config import ConfigError, Recipe, build, check_values, read_tree
+from .config import RECIPE_DIR, ConfigError, Recipe, build, check_values, read_tree
 from .data import check_sources
+from .data.sources import source_kind
 from .engine import plan_for
 from .files import is_hub_id
 
@@ -23,11 +28,14 @@ def load_recipe(
     """Merge, validate and build the recipe. Raises ConfigError naming every problem at once.
 
     With ``world_size`` (a number, or a function of the recipe) the batch math and the engine's layout are checked
-    for that many ranks; with ``check_files`` the local model and data paths must exist."""
+    for that many ranks; with ``check_files`` the local model and data paths must exist and the hub's models and
+    datasets be within reach (:func:`check_hub`)."""
     problems: list[str] = []
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError([f"{path}: is a directory; pass a recipe file (the shipped ones are in {RECIPE_DIR})"])
     if not path.is_file():
-        raise ConfigError([f"{path}: no such recipe file"])
+        raise ConfigError([f"{path}: no such recipe file (the shipped ones are in {RECIPE_DIR})"])
     raw = read_tree(path, list(overrides), problems)
     recipe = build(Recipe, raw, "", problems)
     problems += check_values(recipe)
@@ -41,6 +49,7 @@ def load_recipe(
     if check_files:
         problems += check_model_paths(recipe)
         problems += check_sources(recipe.data.train + list(recipe.eval.sets.values()))
+        problems += check_hub(recipe)
     if problems:
         raise ConfigError(problems)
     return recipe
@@ -74,3 +83,203 @@ def _check_model_config(r: Recipe, source: Path) -> list[str]:
     if isinstance(limit, int) and r.data.seq_len > limit:
         return [f"data.seq_len: {r.data.seq_len} is longer than the model's max_position_embeddings {limit} ({path})"]
     return []
+
+
+# ------------------------------------------------------------------------------------------ the Hugging Face hub
+
+HUB_TIMEOUT_S = 5.0
+"""How long the hub may take to answer one question before a run is refused (or a plan goes on without it)."""
+
+_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+_TOKENIZER = ("tokenizer_config.json", "tokenizer.json")
+
+
+def check_hub(r: Recipe) -> list[str]:
+    """Hub models and datasets the recipe names that this machine cannot get: one problem per id, naming its keys.
+
+    A model is there when every file the run loads from it (config, weights, tokenizer) is in the local Hugging Face
+    cache; otherwise, and for datasets (streamed from the hub while training, so the cache does not help), the hub
+    is asked once per id, for at most :data:`HUB_TIMEOUT_S`. Without this, every worker would retry the download on
+    its own and the run fail a minute later with a traceback per rank."""
+    hub = _Hub()
+    problems = []
+    for repo_id, (keys, needs) in _hub_models(r).items():
+        missing = _missing_from_cache(repo_id, needs)
+        if missing and (why := hub.why_not("model", repo_id)):
+            problems.append(
+                f"{', '.join(keys)}: {repo_id} is {_cache_state(missing, needs)} and {why}; download it first "
+                f"(`hf download {repo_id}`) or pass a local path"
+            )
+    for repo_id, keys in _hub_datasets(r).items():
+        if why := hub.why_not("dataset", repo_id):
+            problems.append(
+                f"{', '.join(keys)}: {repo_id} is a hub dataset, read from the hub during the run, and {why}; download "
+                f"it first (`hf download --repo-type dataset {repo_id} --local-dir DIR`) and pass the local path of "
+                "its data files"
+            )
+    return problems
+
+
+class _Hub:
+    """Asks the hub about ids; after one failed connection the next ids get the same answer without a new wait."""
+
+    def __init__(self) -> None:
+        self.unreachable: str | None = None
+
+    def why_not(self, repo_type: str, repo_id: str) -> str | None:
+        """Why ``repo_id`` cannot be fetched from the hub now, or None when the hub knows it."""
+        from huggingface_hub import HfApi, constants, is_offline_mode
+        from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+
+        if is_offline_mode():
+            return "HF_HUB_OFFLINE is set"
+        if self.unreachable:
+            return self.unreachable
+        api = HfApi()
+        ask = api.model_info if repo_type == "model" else api.dataset_info
+        try:
+            ask(repo_id, timeout=HUB_TIMEOUT_S)
+        except GatedRepoError:
+            return f"it is gated: accept its licence at {constants.ENDPOINT}/{repo_id} and log in (`hf auth login`)"
+        except RepositoryNotFoundError:
+            return (
+                f"the hub ({constants.ENDPOINT}) has no {repo_type} of that name, or it is private: check the id, "
+                "or log in (`hf auth login`)"
+            )
+        except HfHubHTTPError as e:
+            return f"the hub ({constants.ENDPOINT}) answered: {str(e).splitlines()[0]}"
+        except Exception as e:  # a refused or timed-out connection, a failed name lookup, a proxy's refusal
+            self.unreachable = f"the connection to the hub failed ({constants.ENDPOINT}: {type(e).__name__}: {e})"
+            return self.unreachable
+        return None
+
+
+def _hub_models(r: Recipe) -> dict[str, tuple[list[str], set[str]]]:
+    """Hub model ids -> (the keys naming them, what the run loads from them: config, weights, tokenizer)."""
+    m = r.model
+    # The tokenizer comes from model.tokenizer, else from the model (or the config) itself.
+    tokenizer = "model.tokenizer" if m.tokenizer else "model.name_or_path" if m.name_or_path else "model.from_config"
+    found: dict[str, tuple[list[str], set[str]]] = {}
+    for key, value, needs in (("model.name_or_path", m.name_or_path, {"config", "weights"}),
+                              ("model.from_config", m.from_config, {"config"}),
+                              ("model.tokenizer", m.tokenizer, set())):  # fmt: skip
+        if value and is_hub_id(value):
+            keys, wanted = found.setdefault(value, ([], set()))
+            keys.append(key)
+            wanted |= needs | ({"tokenizer"} if key == tokenizer else set())
+    return found
+
+
+def _hub_datasets(r: Recipe) -> dict[str, list[str]]:
+    """Hub dataset ids -> the keys naming them."""
+    named = [(f"data.train[{i}].path", s.path) for i, s in enumerate(r.data.train)]
+    named += [(f"eval.sets.{name}.path", s.path) for name, s in r.eval.sets.items()]
+    found: dict[str, list[str]] = {}
+    for key, path in named:
+        if path and source_kind(path) == "hub":
+            found.setdefault(path, []).append(key)
+    return found
+
+
+def _cached(repo_id: str, filename: str) -> str | None:
+    """The path of ``filename`` of the hub model ``repo_id`` in the local cache, or None."""
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo_id, filename)
+    return found if isinstance(found, str) else None
+
+
+def _weights_cached(repo_id: str) -> bool:
+    for name in _WEIGHTS:
+        if (path := _cached(repo_id, name)) is None:
+            continue
+        if not name.endswith(".index.json"):
+            return True
+        try:
+            shards = set(json.loads(Path(path).read_text())["weight_map"].values())
+        except (OSError, ValueError, KeyError, AttributeError):
+            continue
+        if all(_cached(repo_id, shard) for shard in shards):
+            return True
+    return False
+
+
+def _missing_from_cache(repo_id: str, needs: set[str]) -> list[str]:
+    """What the run needs of ``repo_id`` that the local Hugging Face cache lacks."""
+    missing = []
+    if "config" in needs and not _cached(repo_id, "config.json"):
+        missing.append("config.json")
+    if "weights" in needs and not _weights_cached(repo_id):
+        missing.append("weights")
+    if "tokenizer" in needs and not any(_cached(repo_id, f) for f in _TOKENIZER):
+        missing.append("tokenizer")
+    return missing
+
+
+def _cache_state(missing: list[str], needs: set[str]) -> str:
+    from huggingface_hub import constants
+
+    where = f"the local Hugging Face cache ({constants.HF_HUB_CACHE}"
+    if len(missing) < len(needs):
+        return f"only partly in {where}: no {', no '.join(missing)})"
+    return f"not in {where})"
+
+
+def shipped_model_config(repo_id: str) -> Path | None:
+    """The config.json of hub model ``repo_id`` shipped in ``recipes/models/`` (listed in its ``index.json``), so
+    that planning works where the hub cannot be reached; None when none is shipped."""
+    index = RECIPE_DIR / "models" / "index.json"
+    try:
+        names = json.loads(index.read_text())
+    except (OSError, ValueError):
+        return None
+    name = names.get(repo_id) if isinstance(names, dict) else None
+    path = index.parent / name if isinstance(name, str) else None
+    return path if path is not None and path.is_file() else None
+
+
+def plan_model_config(r: Recipe) -> tuple[Any, str | None]:
+    """The model config ``cpt plan`` computes with, and a note on where it came from (or why there is none).
+
+    A hub model's config is read from the local cache, else fetched if the hub answers within
+    :data:`HUB_TIMEOUT_S`, else taken from ``recipes/models/`` when a copy is shipped there: transformers alone
+    would retry the network for half a minute and then give up."""
+    from .model import config_source, load_config
+
+    source = config_source(r)
+    key = "model.name_or_path" if r.model.name_or_path else "model.from_config"
+
+    def read(path: str) -> Any:
+        if path == source:
+            return load_config(r)
+        return load_config(
+            dataclasses.replace(r, model=dataclasses.replace(r.model, name_or_path=None, from_config=path))
+        )
+
+    if not is_hub_id(source):
+        return read(source), None
+    cached = _cached(source, "config.json")
+    if cached is not None:
+        return read(os.path.dirname(cached)), None
+    why = _Hub().why_not("model", source)
+    if why is None:
+        try:
+            return read(source), None
+        except (OSError, ValueError) as e:
+            why = f"its config could not be read ({str(e).splitlines()[0]})"
+    shipped = shipped_model_config(source)
+    if shipped is not None:
+        return read(str(shipped)), (
+            f"{_relative(shipped)}, shipped with cpt: {source} is not in the local Hugging Face cache and {why}"
+        )
+    return None, (
+        f"{key}: {source} is not in the local Hugging Face cache and {why}; no model numbers without its config: "
+        f"download it (`hf download {source} config.json`) or pass model.from_config=<a local config.json>"
+    )
+
+
+def _relative(path: Path) -> str:
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)

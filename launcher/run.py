@@ -22,7 +22,8 @@ def load_or_exit(recipe: str, overrides: list[str], **checks) -> Recipe:
     try:
         return load_recipe(recipe, overrides, **checks)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        # A path that is no recipe file is one mistake, not a list of the recipe's problems.
+        print(f"error: {e.problems[0] if not os.path.isfile(recipe) else e}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

@@ -46,6 +46,14 @@ def setup_logging(rank: int) -> None:
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "datasets", "httpx", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # The libraries' tqdm bars (loading and writing weights, downloads, dataset preparation) end up glued together
+    # in a log file, one per rank; the run logs its own stages with timings. Rank 0 keeps them in a terminal.
+    if rank != 0 or not sys.stderr.isatty():
+        import datasets
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()  # huggingface_hub's downloads too
+        datasets.disable_progress_bars()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -198,3 +198,132 @@ def test_cli_plan_prints_layout_and_exits_nonzero_on_bad_input(tmp_path):
     )  # fmt: skip
     assert bad.returncode == 2
     assert "train.seq_len: unknown key (did you mean 'data.seq_len'?)" in bad.stderr
+
+
+# ------------------------------------------------------------------------------- numbers as a file and a shell mean
+
+
+def _float_paths(tp=Recipe, prefix: tuple = ()) -> list[tuple]:
+    """Every float (or list of floats) in the schema, as a path of keys and list indices; one entry stands for
+    the items of a list of sections or a mapping of them."""
+    import dataclasses
+    import types
+    import typing
+
+    paths = []
+    for f in dataclasses.fields(tp):
+        hint = typing.get_type_hints(tp)[f.name]
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 1:
+            hint = args[0]
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+        here = (*prefix, f.name)
+        if hint is float or (origin is list and args[0] is float):
+            paths.append(here)
+        elif dataclasses.is_dataclass(hint):
+            paths += _float_paths(hint, here)
+        elif origin is list and dataclasses.is_dataclass(args[0]):
+            paths += _float_paths(args[0], (*here, 0))
+        elif origin is dict and dataclasses.is_dataclass(args[1]):
+            paths += _float_paths(args[1], (*here, "x"))
+    return paths
+
+
+def _get(obj, path: tuple):
+    for k in path:
+        obj = obj[k] if isinstance(k, int) or isinstance(obj, dict) else getattr(obj, k)
+    return obj
+
+
+def test_every_float_field_reads_scientific_notation_in_a_recipe_file(tmp_path):
+    paths = _float_paths()
+    assert {("train", "lr"), ("train", "eps"), ("train", "betas"), ("data", "train", 0, "weight")} <= set(paths)
+    tree = {"model": {"name_or_path": "org/m"}, "data": {"train": [{"path": "org/d"}]},
+            "eval": {"sets": {"x": {"path": "org/e"}}}}  # fmt: skip
+    for path in paths:
+        node = tree
+        for k in path[:-1]:
+            node = node.setdefault(k, {}) if not isinstance(k, int) else node[k]
+        node[path[-1]] = ["SCI", "SCI"] if path[-1] == "betas" else "SCI"
+    text = yaml.safe_dump(tree).replace("SCI", "1e-4")
+    assert "lr: 1e-4" in text and "SCI" not in text
+    saved = tmp_path / "r.yaml"
+    saved.write_text(text)
+    r = load_recipe(saved)
+    for path in paths:
+        assert _get(r, path) == ([0.0001, 0.0001] if path[-1] == "betas" else 0.0001), path
+    # The other spellings of YAML 1.2 and of the override grammar.
+    saved.write_text("model: {name_or_path: org/m}\ntrain: {weight_decay: -1.5e-2}\n")
+    with pytest.raises(ConfigError, match=r"train.weight_decay: must be >= 0, got -0.015"):
+        load_recipe(saved)
+    saved.write_text("model: {name_or_path: org/m}\ntrain: {max_steps: 0, lr: 5E+3, eps: .5e-3, min_lr_ratio: 25e-2}\n")
+    t = load_recipe(saved).train
+    assert (t.lr, t.eps, t.min_lr_ratio) == (5000.0, 0.0005, 0.25)
+    assert load_recipe(saved, ["train.lr=1e-4"]).train.lr == 0.0001
+
+
+@pytest.mark.parametrize(("text", "value"), [("1e3", 1000), ("1.5E+1", 15), ("2.5", None), ("1e-3", None)])
+def test_an_int_field_reads_a_number_alike_from_a_file_and_an_override(tmp_path, text, value):
+    """A whole number written as a float (``1e3``) is taken, in a file and on the command line alike; a fraction
+    is refused alike, naming the key."""
+    results = []
+    for how in ("file", "override"):
+        saved = tmp_path / f"{how}.yaml"
+        steps = f"train: {{max_steps: {text}}}\n" if how == "file" else ""
+        saved.write_text("model: {name_or_path: org/m}\ndata: {train: [{path: org/d}]}\n" + steps)
+        overrides = [f"train.max_steps={text}"] if how == "override" else []
+        try:
+            results.append(load_recipe(saved, overrides).train.max_steps)
+        except ConfigError as e:
+            results.append([p for p in e.problems if p.startswith("train.max_steps")])
+    assert results[0] == results[1]
+    if value is not None:
+        assert results[0] == value
+    else:
+        assert results[0] == [f"train.max_steps: expected int, got {float(text)}"]
+
+
+def test_a_string_field_keeps_a_number_as_written(tmp_path):
+    saved = tmp_path / "r.yaml"
+    saved.write_text("output_dir: 1e-4\nmodel: {name_or_path: org/m}\ntrain: {max_steps: 0}\n"
+                     "logging: {run_name: 007, tags: [1e-4, 1.50]}\n")  # fmt: skip
+    r = load_recipe(saved)
+    assert (r.output_dir, r.logging.run_name, r.logging.tags) == ("1e-4", "007", ["1e-4", "1.50"])
+    r = load_recipe(saved, ["output_dir=5E+3", "logging.run_name=0.10", "eval.sets.x.path=1e3"])
+    assert (r.output_dir, r.logging.run_name, r.eval.sets["x"].path) == ("5E+3", "0.10", "1e3")
+    assert load_recipe(saved, ["model.tokenizer=null"]).model.tokenizer is None
+    # And the saved recipe reads back the same.
+    saved.write_text(to_yaml(r))
+    assert load_recipe(saved) == r
+
+
+# ------------------------------------------------------------------------------------ the printed recipe
+
+
+def test_the_resolved_recipe_shows_what_applies(tmp_path):
+    ds = yaml.safe_load(to_yaml(load_recipe(RECIPE_DIR / "llama-1b-zero3.yaml")))
+    assert "fsdp" not in ds["parallel"] and ds["parallel"]["deepspeed"]["zero_optimization"]["stage"] == 3
+    fsdp = yaml.safe_load(to_yaml(load_recipe(RECIPE_DIR / "llama-1b-fsdp.yaml")))
+    assert "deepspeed" not in fsdp["parallel"] and fsdp["parallel"]["fsdp"]["reshard_after_forward"] is True
+    assert fsdp["data"]["train"][0]["split"] == "train" and fsdp["data"]["train"][0]["name"] == "sample-10BT"
+
+    saved = tmp_path / "r.yaml"
+    saved.write_text(yaml.safe_dump({
+        "model": {"name_or_path": "org/m"},
+        "data": {"train": [{"path": str(tmp_path / "a.jsonl")}, {"path": "s3://b/x/*.jsonl", "split": "extra"},
+                           {"path": "org/hub-data"}]},
+        "eval": {"sets": {"local": {"path": str(tmp_path / "e.jsonl")}, "hub": {"path": "org/e", "split": "test"}}},
+    }))  # fmt: skip
+    r = load_recipe(saved)
+    tree = yaml.safe_load(to_yaml(r))
+    local, url, hub = tree["data"]["train"]
+    assert "split" not in local and "name" not in local and local["weight"] == 1.0
+    assert url["split"] == "extra" and "name" not in url  # set, so written: the saved file gives the same recipe
+    assert hub["split"] == "train" and "name" in hub
+    assert tree["eval"]["sets"]["local"] == {"path": str(tmp_path / "e.jsonl"), "text_field": "text"}
+    assert tree["eval"]["sets"]["hub"] == {"path": "org/e", "name": None, "split": "test", "text_field": "text"}
+    saved.write_text(to_yaml(r))
+    assert load_recipe(saved) == r
+    # Settings of the engine not in use that someone did set are written too.
+    odd = load_recipe(RECIPE_DIR / "llama-1b-zero3.yaml", ["parallel.fsdp.prefetch_layers=2"])
+    assert yaml.safe_load(to_yaml(odd))["parallel"]["fsdp"]["prefetch_layers"] == 2

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import re
+import shlex
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -9,12 +13,64 @@ import yaml
 
 from launcher.callbacks.base import Callback, RunInfo, finite, read_metrics, run_name
 from launcher.callbacks.jsonl import METRICS_FILE
-from launcher.config import Recipe
+from launcher.config import Recipe, SourceConfig, source_kind, source_labels
 from launcher.engine import plan_for
 from launcher.files import atomic_write, is_hub_id
 from launcher.redact import redact_text
 
 CARD_FILE = "README.md"
+COMMAND_ENV = "CPT_COMMAND"
+"""The command line the user ran (``cpt run ...``, ``cpt quickstart``), set by the outermost ``cpt`` process and
+inherited by the workers it starts: a worker's own command line is only ``python -m launcher.train ...``."""
+SCRIPT_SUFFIXES = (".sbatch", ".slurm", ".sh")
+"""A Slurm job name with one of these is the batch script's name (Slurm's default job name)."""
+
+
+def launch_command(environ: Mapping[str, str], worker_args: Sequence[str]) -> str:
+    """What started this run, for the model card: ``CPT_COMMAND`` when a ``cpt`` command started the workers;
+    under ``sbatch``, the sbatch command as far as the job's environment tells it (the script, the node count and
+    the arguments every worker got); else the worker's own command line."""
+    args = _without_local_rank(worker_args)
+    job = environ.get("SLURM_JOB_ID")
+    submit_dir = environ.get("SLURM_SUBMIT_DIR")
+    submitted = f"# Slurm job {job}" + (f", submitted from {submit_dir}" if submit_dir else "")
+    command = environ.get(COMMAND_ENV)
+    if command:
+        return f"{submitted}\n{command}" if job else command
+    worker = shlex.join(["python", "-m", "launcher.train", *args])
+    if not job:
+        return worker
+    name = environ.get("SLURM_JOB_NAME", "")
+    if not name.endswith(SCRIPT_SUFFIXES):
+        # Started by srun or under a job name of its own: the batch command cannot be told.
+        return f"{submitted} ({name or 'unnamed'}); every worker ran:\n{worker}"
+    nodes = environ.get("SLURM_JOB_NUM_NODES") or environ.get("SLURM_NNODES")
+    return f"{submitted}\n" + shlex.join(
+        ["sbatch", *(["--nodes", nodes] if nodes else []), _script_path(name, submit_dir), *args]
+    )
+
+
+def _without_local_rank(args: Sequence[str]) -> list[str]:
+    """The arguments a launcher passed on, without the ``--local_rank`` the deepspeed launcher adds."""
+    out: list[str] = []
+    skip = False
+    for a in args:
+        if skip:
+            skip = False
+        elif a in ("--local_rank", "--local-rank"):
+            skip = True
+        elif not re.match(r"--local[_-]rank=", a):
+            out.append(a)
+    return out
+
+
+def _script_path(name: str, submit_dir: str | None) -> str:
+    """The batch script as the user named it from where they submitted it: Slurm keeps only its file name, so
+    look for it there and in ``slurm/``, where this project's scripts live."""
+    for candidate in (name, os.path.join("slurm", name)):
+        if submit_dir and os.path.isfile(os.path.join(submit_dir, candidate)):
+            return candidate
+    return name
 
 
 class ModelCard(Callback):
@@ -112,9 +168,9 @@ def _training_rows(run: RunInfo, last_step: int, tokens_seen: int) -> list[tuple
     t = r.train
     total_weight = sum(s.weight for s in r.data.train) or 1.0
     sources = "<br>".join(
-        f"`{redact_text(s.path)}`" + (f" ({s.name})" if s.name else "") + f" split {s.split}, "
-        f"weight {s.weight:g} ({100 * s.weight / total_weight:.0f}%)"
-        for s in r.data.train
+        f"{_source(s)}, weight {s.weight:g} ({100 * s.weight / total_weight:.0f}%)"
+        + (f", first {s.holdout_documents:,} documents held out as eval set {label}" if s.holdout_documents else "")
+        for label, s in zip(source_labels(r.data.train), r.data.train)
     )
     rows = [
         ("Base model", f"`{redact_text(r.model.name_or_path)}`" if r.model.name_or_path else "none (from scratch)"),
@@ -137,6 +193,13 @@ def _training_rows(run: RunInfo, last_step: int, tokens_seen: int) -> list[tuple
         ("Precision", _precision(r)),
     ]
     return rows
+
+
+def _source(s: SourceConfig) -> str:
+    """A source as the card names it: configuration and split only for hub datasets, which have them."""
+    if source_kind(s.path) != "hub":
+        return f"`{redact_text(s.path)}`"
+    return f"`{redact_text(s.path)}`" + (f" ({s.name})" if s.name else "") + f" split {s.split}"
 
 
 def _engine(r: Recipe) -> str:

@@ -7,12 +7,19 @@ Merge order, later wins:
 
 OmegaConf does the merging of YAML and dotlist overrides; nothing is interpolated (recipes are data). Every
 problem is appended to a list with the file or key it concerns, so that all of them are reported at once.
+
+Numbers mean the same in a file and on the command line: ``1e-4``, ``5E+3`` and ``.5e-3`` are floats in both
+(YAML 1.1, which PyYAML reads, would make them strings in a file), and a string key given something that looks
+like a number (``output_dir: 1e-4``, ``logging.run_name=007``) keeps the text as written.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import re
+import types
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -20,17 +27,83 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from ..redact import redact_values
-from .schema import DS_CONFIG_DIR, ENGINE_CONFIG_FILES, ParallelConfig, Recipe
+from .schema import DS_CONFIG_DIR, ENGINE_CONFIG_FILES, FsdpConfig, ParallelConfig, Recipe, SourceConfig, source_kind
+
+_SCIENTIFIC = re.compile(r"[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+")
+"""A float in scientific notation as YAML 1.2 and the override grammar read it; YAML 1.1 wants a dot and a signed
+exponent (``1.0e-4``) and reads the rest as strings."""
+_NUMBER = re.compile(r"[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)?")
+_STR, _INT, _FLOAT = (f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float"))
 
 
-def _read_yaml(path: Path, problems: list[str]) -> dict[str, Any]:
+def _child_type(tp: Any, key: str) -> Any:
+    """The schema type under ``key`` (a field, list index or mapping key) of ``tp``; None where the schema does not
+    say (an unknown key, a free-form mapping)."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(args) == 1:
+        tp = args[0]
+    if dataclasses.is_dataclass(tp):
+        return typing.get_type_hints(tp).get(key)
+    origin = typing.get_origin(tp)
+    if origin is list:
+        return typing.get_args(tp)[0]
+    if origin is dict:
+        return typing.get_args(tp)[1]
+    return None
+
+
+def _is_str(tp: Any) -> bool:
+    return tp is str or (typing.get_origin(tp) in (typing.Union, types.UnionType) and str in typing.get_args(tp))
+
+
+def _type_at(key: str, root: Any = Recipe) -> Any:
+    """The schema type of a dotted override key (``data.train[0].path``, ``eval.sets.web.path``)."""
+    tp = root
+    for part in re.findall(r"[^.\[\]]+", key):
+        tp = _child_type(tp, part)
+        if tp is None:
+            return None
+    return tp
+
+
+def _retag(node: yaml.Node, tp: Any) -> None:
+    """Numbers as the schema reads them, before the YAML nodes become values: a plain (unquoted) scalar in
+    scientific notation is a float, except where the schema wants a string; there a plain number keeps its text
+    (``007`` stays ``007``, not 7)."""
+    if isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            _retag(v, _child_type(tp, k.value) if isinstance(k, yaml.ScalarNode) else None)
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _retag(item, _child_type(tp, "0"))
+    elif isinstance(node, yaml.ScalarNode) and node.style is None:
+        if _is_str(tp):
+            if node.tag in (_INT, _FLOAT):
+                node.tag = _STR
+        elif node.tag == _STR and _SCIENTIFIC.fullmatch(node.value):
+            node.tag = _FLOAT
+
+
+def _parse_yaml(text: str, schema: Any) -> Any:
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _retag(node, schema)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _read_yaml(path: Path, problems: list[str], schema: Any = Recipe) -> dict[str, Any]:
     try:
         text = path.read_text()
     except OSError as e:
         problems.append(f"{path}: cannot read ({e.strerror})")
         return {}
     try:
-        data = yaml.safe_load(text)
+        data = _parse_yaml(text, schema)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -118,10 +191,19 @@ def _load_engine_config(tree: DictConfig, problems: list[str]) -> DictConfig:
             problems.append(f"{path}: line {e.lineno}, column {e.colno}: malformed JSON: {e.msg}")
             return OmegaConf.create({})
     else:
-        data = _read_yaml(path, problems)
+        data = _read_yaml(path, problems, FsdpConfig)
     if engine != engine_of_file and data:
         problems.append(f"parallel.config: {path.name} is a{label} config but parallel.engine is {engine!r}")
     return _create({"parallel": {engine_of_file: data}}, problems, str(path))
+
+
+def _keep_text(override: str) -> str:
+    """``key=value`` with a number-like value quoted where the key is a string (``output_dir=1e-4`` names the
+    directory ``1e-4``, not ``0.0001``), as in a recipe file."""
+    key, _, value = override.partition("=")
+    if _NUMBER.fullmatch(value) and _is_str(_type_at(key)):
+        return f"{key}='{value}'"
+    return override
 
 
 def parse_overrides(overrides: list[str], problems: list[str]) -> DictConfig:
@@ -129,7 +211,7 @@ def parse_overrides(overrides: list[str], problems: list[str]) -> DictConfig:
         if "=" not in o:
             problems.append(f"override {o!r}: expected key=value")
     try:
-        return OmegaConf.from_dotlist([o for o in overrides if "=" in o])
+        return OmegaConf.from_dotlist([_keep_text(o) for o in overrides if "=" in o])
     except Exception as e:  # OmegaConf raises several grammar errors
         problems.append(f"overrides: {e}")
         return OmegaConf.create({})
@@ -162,8 +244,33 @@ def read_tree(path: Path, overrides: list[str], problems: list[str]) -> dict[str
 
 def to_yaml(recipe: Recipe) -> str:
     """The resolved recipe as YAML, as saved in output_dir/resolved_recipe.yaml and printed by ``cpt plan``.
-    Values under secret-looking keys (``api_key``, ``token``, ``password``, ...) are written as ``***``."""
-    return OmegaConf.to_yaml(OmegaConf.create(redact_values(to_dict(recipe))))
+    Values under secret-looking keys (``api_key``, ``token``, ``password``, ...) are written as ``***``.
+
+    Keys that do not apply to this recipe are left out while they hold their defaults: the section of the engine
+    not in use, ``name`` and ``split`` of local files and URLs (only hub datasets have them), and the keys of eval
+    sets that only training sources use. A value someone did set is written, so the file loads back to the same
+    recipe."""
+    tree = to_dict(recipe)
+    unused = "fsdp" if recipe.parallel.engine == "deepspeed" else "deepspeed"
+    if tree["parallel"][unused] == _DEFAULTS["parallel"][unused]:
+        del tree["parallel"][unused]
+    for source in tree["data"]["train"]:
+        _drop_defaults(source, _HUB_ONLY if source_kind(source["path"]) != "hub" else ())
+    for source in tree["eval"]["sets"].values():
+        _drop_defaults(source, _TRAINING_ONLY + (_HUB_ONLY if source_kind(source["path"]) != "hub" else ()))
+    return OmegaConf.to_yaml(OmegaConf.create(redact_values(tree)))
+
+
+_DEFAULTS = dataclasses.asdict(Recipe())
+_SOURCE_DEFAULTS = dataclasses.asdict(SourceConfig())
+_HUB_ONLY = ("name", "split")
+_TRAINING_ONLY = ("weight", "token_budget", "label", "holdout_documents")
+
+
+def _drop_defaults(source: dict[str, Any], keys: tuple[str, ...]) -> None:
+    for k in keys:
+        if source[k] == _SOURCE_DEFAULTS[k]:
+            del source[k]
 
 
 def to_dict(recipe: Recipe) -> dict[str, Any]:

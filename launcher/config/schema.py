@@ -8,8 +8,10 @@ problem at once, each under its dotted key.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Literal
+
+from ..files import is_hub_id, strip_data_extension
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent.parent
 DS_CONFIG_DIR = PACKAGE_ROOT / "ds_configs"
@@ -47,8 +49,47 @@ class SourceConfig:
     """Tokens this source supplies per pass, over all ranks, under ``data.stopping: token_budget``. Set it on
     every training source, or set ``data.token_budget`` instead to split one total by the weights."""
     label: str | None = None
-    """Name of this source in the logged mixture proportions (``data/mix/<label>``). Defaults to the file,
-    directory or dataset name."""
+    """Name of this source in the logged mixture proportions (``data/mix/<label>``) and of the eval set of its
+    held-out documents. Defaults to the file, directory or dataset name (see :func:`source_labels`)."""
+    holdout_documents: int = 0
+    """Documents of this training source reserved for evaluation (0: none): its first N documents in their
+    natural order -- local files sorted by path, records in file order; a hub dataset's files in its own order
+    -- so the same documents whatever the world size, DataLoader workers, seed or shuffling. Training never
+    reads them; they are evaluated as one more eval set, named after the source's ``label``, at the same steps
+    and with the same ``eval.max_blocks`` as ``eval.sets``. An eval set naming a training source without this
+    measures how well the model fits its own training data, not how it generalises."""
+
+
+def source_kind(path: str) -> str:
+    """``url`` for fsspec URLs, ``hub`` for ``org/name`` ids (:func:`launcher.files.is_hub_id`: a mistyped local
+    directory is reported as missing rather than looked up on the hub), ``local`` for everything else. Only hub
+    datasets have configurations (``name``) and splits (``split``)."""
+    if "://" in path:
+        return "url"
+    return "hub" if is_hub_id(path) else "local"
+
+
+def has_glob(path: str) -> bool:
+    return any(c in "*?[" for c in path)
+
+
+def source_labels(sources: list[SourceConfig]) -> list[str]:
+    """Names of the sources in the logged metrics (and of their held-out eval sets): ``label``, else the file,
+    directory or dataset name (without data extensions or glob patterns); names that would repeat get their
+    source index appended."""
+    names = []
+    for s in sources:
+        if s.label:
+            names.append(s.label)
+            continue
+        parts = [p for p in PurePosixPath(s.path.split("://", 1)[-1]).parts if p not in ("/", ".", "..")]
+        while len(parts) > 1 and has_glob(parts[-1]):
+            parts.pop()
+        name = strip_data_extension(parts[-1] if parts else s.path)
+        if s.name:
+            name = f"{name}-{s.name}"
+        names.append(name or str(len(names)))
+    return [n if s.label or names.count(n) == 1 else f"{n}-{i}" for i, (s, n) in enumerate(zip(sources, names))]
 
 
 @dataclass
@@ -74,7 +115,8 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     train: list[SourceConfig] = field(default_factory=list)
-    """Training sources, streamed; each rank reads only its own part."""
+    """Training sources, streamed; each rank reads only its own part, and none the documents a source holds out
+    for evaluation (``holdout_documents``)."""
     seq_len: int = 2048
     """Tokens per packed block."""
     num_workers: int = 1
@@ -176,7 +218,9 @@ class TrainConfig:
 class EvalConfig:
     sets: dict[str, SourceConfig] = field(default_factory=dict)
     """Named eval sets; each is read fully, split across ranks, and reported as loss and perplexity. Setting a
-    name to null removes a set defined by an extended recipe."""
+    name to null removes a set defined by an extended recipe. The documents a training source holds out
+    (``data.train[i].holdout_documents``) are one more set, named after the source's label; a set here that names
+    a training source reads documents it trains on, and a warning says so."""
     every: int = 0
     """Evaluate every this many steps (0: only at the end)."""
     at_start: bool = False
@@ -252,6 +296,12 @@ class Recipe:
     eval: EvalConfig = field(default_factory=EvalConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def eval_sources(self) -> dict[str, SourceConfig]:
+        """Every eval set by name: the held-out documents of each training source that has some (named by its
+        label; evaluating such a source reads only those, see ``holdout_documents``), then ``eval.sets``."""
+        held = {name: s for name, s in zip(source_labels(self.data.train), self.data.train) if s.holdout_documents > 0}
+        return {**held, **self.eval.sets}
 
     def batch_layout(self, world_size: int) -> BatchLayout:
         """Gradient accumulation and global batch for ``world_size`` data-parallel ranks."""

@@ -10,11 +10,13 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import types
 import typing
+from fnmatch import fnmatch
 from typing import Any, Literal
 
-from .schema import PREEMPT_SIGNALS, DataConfig, Recipe, SourceConfig
+from .schema import PREEMPT_SIGNALS, DataConfig, Recipe, SourceConfig, has_glob, source_kind, source_labels
 
 
 def _type_name(tp: Any) -> str:
@@ -103,6 +105,9 @@ def build(tp: Any, value: Any, key: str, problems: list[str]) -> Any:
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
+        # ``1e9`` (files and overrides read it as a float alike) is a whole number written the short way.
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
@@ -149,6 +154,12 @@ def check_values(r: Recipe) -> list[str]:
     labels = [s.label for s in d.train if s.label]
     for label in sorted({x for x in labels if labels.count(x) > 1}):
         problems.append(f"data.train: label {label!r} names more than one source; labels must be unique")
+    for i, (label, s) in enumerate(zip(source_labels(d.train), d.train)):
+        if s.holdout_documents > 0 and label in r.eval.sets:
+            problems.append(
+                f"eval.sets.{label}: this name is taken by the documents data.train[{i}] holds out for evaluation "
+                f"(their eval set is named after the source's label); rename the eval set or set data.train[{i}].label"
+            )
     need(t.max_steps >= 0, f"train.max_steps: must be >= 0, got {t.max_steps}")
     need(t.micro_batch_size > 0, f"train.micro_batch_size: must be positive, got {t.micro_batch_size}")
     if t.global_batch_size is not None:
@@ -211,6 +222,13 @@ def _check_source(s: SourceConfig, key: str, problems: list[str], *, train: bool
             problems.append(f"{key}.token_budget: must be positive, got {s.token_budget}")
     if s.label is not None and not s.label.strip():
         problems.append(f"{key}.label: must not be empty")
+    if s.holdout_documents and not train:
+        problems.append(
+            f"{key}.holdout_documents: only a training source holds documents out (it then evaluates them as its "
+            "own eval set); remove it here"
+        )
+    elif s.holdout_documents < 0:
+        problems.append(f"{key}.holdout_documents: must be >= 0, got {s.holdout_documents}")
 
 
 def _check_budgets(d: DataConfig, problems: list[str]) -> None:
@@ -236,3 +254,46 @@ def _check_budgets(d: DataConfig, problems: list[str]) -> None:
         problems.append(
             f"data.stopping: token_budget needs data.token_budget, or token_budget on every source ({missing} has none)"
         )
+
+
+def eval_overlap_warnings(r: Recipe) -> list[str]:
+    """A warning for each set of ``eval.sets`` that reads a training source's documents: its perplexity falls as
+    the model memorises what it trains on, which says nothing about unseen text. Held-out documents
+    (``holdout_documents``) are not in ``eval.sets`` and never warned about."""
+    labels = source_labels(r.data.train)
+    warnings = []
+    for name, e in r.eval.sets.items():
+        for i, t in enumerate(r.data.train):
+            if not _same_data(e, t):
+                continue
+            if t.holdout_documents:
+                hint = f"its held-out documents are evaluated already, as eval set {labels[i]!r}"
+            else:
+                hint = f"set data.train[{i}].holdout_documents to evaluate on documents that training skips"
+            warnings.append(
+                f"eval.sets.{name} reads the training data of data.train[{i}] ({t.path}): its perplexity shows how "
+                f"well the model fits what it trains on, not how it does on unseen text; {hint}"
+            )
+            break
+    return warnings
+
+
+def _same_data(a: SourceConfig, b: SourceConfig) -> bool:
+    """Whether two sources share documents, as far as their paths tell (nothing is read): the same hub dataset,
+    configuration and split; the same URL; or local paths of which one is, holds or matches the other."""
+    kind = source_kind(a.path)
+    if kind != source_kind(b.path):
+        return False
+    if kind == "hub":
+        return (a.path, a.name, a.split) == (b.path, b.name, b.split)
+    if kind == "url":
+        return a.path == b.path or fnmatch(a.path, b.path) or fnmatch(b.path, a.path)
+    x, y = (os.path.abspath(os.path.expanduser(p)) for p in (a.path, b.path))
+    return x == y or _inside(x, y) or _inside(y, x)
+
+
+def _inside(path: str, container: str) -> bool:
+    """``path`` is in the directory ``container``, or matches it as a glob pattern."""
+    if has_glob(container):
+        return fnmatch(path, container)
+    return os.path.isdir(container) and path.startswith(container.rstrip(os.sep) + os.sep)

@@ -6,10 +6,11 @@ the packer), ``mixture`` (one reader's mix of its sources, passes and resumable 
 stream is built from), ``stream`` (one rank's training batches through a DataLoader) and ``eval`` (eval blocks).
 """
 
+from launcher.config import source_labels
 from launcher.data.eval import eval_blocks
 from launcher.data.packing import document_position_ids, pack, tokenize_documents
 from launcher.data.sharding import Part, assign_parts
-from launcher.data.sources import DataError, check_sources, open_source, source_labels
+from launcher.data.sources import DataError, check_sources, open_source
 from launcher.data.stream import TrainStream
 
 __all__ = [

@@ -1,5 +1,6 @@
 """Per-rank eval blocks: every rank packs the whole eval set as one stream and keeps every world_size-th block,
-so the union over ranks is exactly what a single process would score, whatever the world size."""
+so the union over ranks is exactly what a single process would score, whatever the world size. A training source
+that holds documents out is evaluated on exactly those."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 
 from launcher.config import SourceConfig
 from launcher.data.packing import eos_id_of, pack, tokenize_documents
-from launcher.data.readers import READ_BATCH
+from launcher.data.readers import READ_BATCH, held_out_documents
 from launcher.data.sources import (
     DataError,
     ResolvedSource,
@@ -47,7 +48,9 @@ def eval_blocks(
 
     The set is read in order (no shuffle) and packed as one stream, keeping the final short block so every token
     is scored; ``max_blocks`` keeps only the first blocks. The union over ranks is exactly the blocks of a single
-    process, so perplexity does not depend on the world size. Raises DataError when the set holds no text.
+    process, so perplexity does not depend on the world size. A source with ``holdout_documents`` (a training
+    source's held-out part, see :meth:`launcher.config.Recipe.eval_sources`) gives only those documents, the
+    ones its training stream skips. Raises DataError when the set holds no text.
     """
     if seq_len <= 0:
         raise ValueError(f"seq_len must be positive, got {seq_len}")
@@ -55,14 +58,16 @@ def eval_blocks(
         raise ValueError(f"rank must be within [0, world_size), got rank={rank}, world_size={world_size}")
     if max_blocks is not None and max_blocks <= 0:
         raise ValueError(f"max_blocks must be positive, got {max_blocks}")
-    what = f"eval set {source.path}"
+    held = source.holdout_documents
+    what = f"eval set {source.path}" + (f" (its first {held} documents, held out of training)" if held else "")
     eos_id = eos_id_of(tokenizer, what)
     resolved = resolve(source)
     ds = open_source(source)
     mine: list[list[int]] = []
     total = 0
     try:
-        texts = _checked(_texts(ds), resolved, what)
+        records = (r for _, r in islice(held_out_documents(ds, source), held)) if held else _texts(ds)
+        texts = _checked(records, resolved, what)
         blocks: Iterator[list[int]] = pack(
             tokenize_documents(texts, tokenizer), seq_len, keep_partial=True, eos_id=eos_id
         )

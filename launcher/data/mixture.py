@@ -139,10 +139,13 @@ class Mixture:
         st = self.src[s]
         if (st.part, st.doc) == (0, 0):
             src = self.sources[s]
+            held = src.config.holdout_documents
+            after = f" once its first {held} documents are held out for evaluation" if held else ""
             raise DataError(
                 f"{self.what}: {src.config.path} has no text for this reader: its {src.num_shards} shard(s) are "
                 f"divided among {self.num_readers} readers (world size x data.num_workers) and this one's share is "
-                "empty or blank. Add data, or lower the number of processes or data.num_workers."
+                f"empty or blank{after}. Add data, or lower the number of processes or data.num_workers"
+                + (" or holdout_documents." if held else ".")
             )
         stopping = self.spec.stopping
         if stopping == "first_exhausted":

@@ -9,6 +9,7 @@ of the seed, the source, the reader's index and the number of readers, so any po
 from __future__ import annotations
 
 import random
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import count, islice
@@ -17,7 +18,7 @@ from typing import Any
 from launcher.config import SourceConfig
 from launcher.data.packing import TOKENIZE_BATCH, tokenize
 from launcher.data.sharding import Part, assign_parts, rng_key, shard_order
-from launcher.data.sources import ResolvedSource, bad_text, check_text, open_source, resolve
+from launcher.data.sources import DataError, ResolvedSource, bad_text, check_text, open_source, resolve
 from launcher.data.spec import StreamSpec
 
 READ_BATCH = 256
@@ -36,6 +37,8 @@ class OpenedSource:
     resolved: ResolvedSource
     dataset: Any
     num_shards: int
+    held_out: tuple[int, ...] = ()
+    """How many leading documents of each shard are held out for evaluation (shards past the end: none)."""
 
 
 def open_training_source(config: SourceConfig, num_readers: int) -> OpenedSource:
@@ -44,7 +47,33 @@ def open_training_source(config: SourceConfig, num_readers: int) -> OpenedSource
     if ds.num_shards < num_readers:
         # Parquet can be split per row group, so fewer readers have to share a file document by document.
         ds = ds.reshard()
-    return OpenedSource(config, resolved, ds, ds.num_shards)
+    held = Counter(shard for shard, _ in held_out_documents(ds, config))
+    return OpenedSource(config, resolved, ds, ds.num_shards, tuple(held[i] for i in range(max(held, default=-1) + 1)))
+
+
+def held_out_documents(ds: Any, config: SourceConfig) -> Iterator[tuple[int, Any]]:
+    """(shard, record) of the documents ``config`` holds out of the opened source ``ds`` (``holdout_documents``):
+    its first ones in the natural order, shard after shard.
+
+    The natural order is the same however the source is split into shards (files, or Parquet row groups), so
+    every world size, DataLoader layout, seed and shuffle holds out the same documents, and the eval set, which
+    reads them through this same function, gets exactly them. Raises DataError when the source is not larger
+    than the holdout: nothing would be left to train on."""
+    want = config.holdout_documents
+    if want <= 0:
+        return
+    seen = 0
+    for shard in range(ds.num_shards):
+        for batch in ds.shard(num_shards=ds.num_shards, index=shard).iter(batch_size=min(READ_BATCH, want)):
+            for record in batch["text"]:
+                if seen == want:
+                    return
+                seen += 1
+                yield shard, record
+    raise DataError(
+        f"{config.path}: holdout_documents={want} holds out every document of the source (it has {seen}); "
+        "nothing would be left to train on. Hold out fewer."
+    )
 
 
 class SourceReader:
@@ -104,12 +133,16 @@ class SourceReader:
                 yield base + i, block[order[i]]
 
     def _raw(self, part: Part) -> Iterator[str]:
-        """The part's documents in the shard's order, checked to be text."""
+        """The part's documents in the shard's order, checked to be text. Held-out documents are blank: training
+        skips them as it skips every blank document, and every other document keeps its position."""
         src = self.source
         ds = src.dataset.shard(num_shards=src.num_shards, index=part.shard)
+        held = src.held_out[part.shard] if part.shard < len(src.held_out) else 0
         seen = 0
         for batch in ds.iter(batch_size=READ_BATCH):
             texts = batch["text"]
+            if seen < held:
+                texts = [""] * min(held - seen, len(texts)) + texts[held - seen :]
             mine = texts[(part.offset - seen) % part.stride :: part.stride]
             for i, text in enumerate(mine):
                 if not isinstance(text, str):

@@ -3,8 +3,9 @@
 Every source becomes a ``datasets.IterableDataset`` with one string column, ``text``, so the rest of the
 pipeline never needs to know the file format. Problems are reported as :class:`DataError` naming the source
 path and, where it can be found, the file and line (or row) at fault: a stack trace from deep inside
-``datasets`` or pyarrow does not tell a user which of their thousand files is broken. Also here: what each
-source is called in the logged metrics (:func:`source_labels`).
+``datasets`` or pyarrow does not tell a user which of their thousand files is broken. What each source is called
+in the logged metrics (:func:`source_labels`) and what kind of path it is (:func:`source_kind`) belong to the
+recipe (``launcher.config``): a recipe's eval sets are named by them.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from launcher.compat import no_download_count_ping
-from launcher.config import SourceConfig
-from launcher.files import COMPRESSIONS, is_hub_id, strip_data_extension
+from launcher.config import SourceConfig, has_glob, source_kind
+from launcher.files import COMPRESSIONS
 
 if TYPE_CHECKING:
     import datasets
@@ -31,8 +32,6 @@ FORMATS = {".jsonl": "json", ".json": "json", ".ndjson": "json", ".parquet": "pa
 
 LOCATE_BUDGET_S = 60.0
 """How long the search for the exact bad record may take once reading has failed."""
-
-_GLOB_CHARS = frozenset("*?[")
 
 
 class DataError(Exception):
@@ -76,18 +75,6 @@ def _known_extensions() -> str:
     return ", ".join(FORMATS) + f" (optionally {', '.join(COMPRESSIONS)}, except for .parquet)"
 
 
-def _has_glob(path: str) -> bool:
-    return any(c in _GLOB_CHARS for c in path)
-
-
-def source_kind(path: str) -> str:
-    """``url`` for fsspec URLs, ``hub`` for ``org/name`` ids (:func:`launcher.files.is_hub_id`: a mistyped local
-    directory is reported as missing rather than looked up on the hub), ``local`` for everything else."""
-    if "://" in path:
-        return "url"
-    return "hub" if is_hub_id(path) else "local"
-
-
 def _list_directory(root: str) -> list[str]:
     """Data files under ``root``, recursively and sorted; hidden and ``_``-prefixed entries (``_SUCCESS``,
     ``.cache``) are not data."""
@@ -123,7 +110,7 @@ def resolve(source: SourceConfig) -> ResolvedSource:
         return ResolvedSource(source, "url", builder)
 
     expanded = os.path.expanduser(path)
-    if _has_glob(expanded):
+    if has_glob(expanded):
         files = sorted(p for p in glob.glob(expanded, recursive=True) if os.path.isfile(p))
         if not files:
             raise DataError(f"{path}: no file matches this pattern")
@@ -162,24 +149,6 @@ def check_sources(sources: list[SourceConfig]) -> list[str]:
         except DataError as e:
             problems.append(str(e))
     return problems
-
-
-def source_labels(sources: list[SourceConfig]) -> list[str]:
-    """Names of the sources in the logged metrics: ``label``, else the file, directory or dataset name (without
-    data extensions or glob patterns); names that would repeat get their source index appended."""
-    names = []
-    for s in sources:
-        if s.label:
-            names.append(s.label)
-            continue
-        parts = [p for p in PurePosixPath(s.path.split("://", 1)[-1]).parts if p not in ("/", ".", "..")]
-        while len(parts) > 1 and _has_glob(parts[-1]):
-            parts.pop()
-        name = strip_data_extension(parts[-1] if parts else s.path)
-        if s.name:
-            name = f"{name}-{s.name}"
-        names.append(name or str(len(names)))
-    return [n if s.label or names.count(n) == 1 else f"{n}-{i}" for i, (s, n) in enumerate(zip(sources, names))]
 
 
 def load(resolved: ResolvedSource, *, streaming: bool = True) -> Any:

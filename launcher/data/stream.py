@@ -25,11 +25,11 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from launcher.compat import shutdown_dataloader_workers
-from launcher.config import DataConfig, SourceConfig
+from launcher.config import DataConfig, SourceConfig, source_labels
 from launcher.data.mixture import Mixture, valid_reader_state
 from launcher.data.packing import document_position_ids, eos_id_of
 from launcher.data.readers import OpenedSource, open_training_source
-from launcher.data.sources import DataError, describe_failure, source_labels
+from launcher.data.sources import DataError, describe_failure
 from launcher.data.spec import StreamSpec, budgets_of
 
 logger = logging.getLogger(__name__)
@@ -175,7 +175,8 @@ class TrainStream:
     files than readers are split per row group instead, which needs no sharing. Each reader mixes its parts of
     the sources in proportion to their weights (or token budgets) counted in tokens, tokenizes, appends EOS and
     cuts the stream into micro-batches; a document cut by the end of a batch continues in the reader's next
-    batch. Passes end as ``stopping`` says and follow each other without a gap.
+    batch. Passes end as ``stopping`` says and follow each other without a gap. The documents a source holds out
+    for evaluation (``holdout_documents``) are never read by any rank or worker.
 
     The sources and settings are taken as the recipe check (``launcher.config``) leaves them; under
     ``stopping: token_budget`` each source's budget is computed from them (``token_budget`` split by the weights,
@@ -305,6 +306,8 @@ class TrainStream:
             "budgets": None if spec.budgets is None else list(spec.budgets),
             "sources": [
                 {"path": s.path, "name": s.name, "split": s.split, "text_field": s.text_field, "weight": s.weight}
+                # Only when set, so that states saved before holdouts existed still match.
+                | ({"holdout_documents": s.holdout_documents} if s.holdout_documents else {})
                 for s in self.sources
             ],
         }
@@ -367,9 +370,9 @@ class TrainStream:
         """Continue from ``state``: the next iteration yields exactly what the saved run would have yielded next.
 
         If the layout changed (world size, workers, seed, seq_len, micro-batch, shuffle buffer, stopping rule,
-        sources), the saved order cannot be reproduced: the stream skips as many micro-batches as were consumed,
-        and warns. A state saved by another rank of the same layout (or by an older version) is still exact,
-        only slower to reach: the batches before it are produced again and dropped.
+        sources and their holdouts), the saved order cannot be reproduced: the stream skips as many micro-batches
+        as were consumed, and warns. A state saved by another rank of the same layout (or by an older version) is
+        still exact, only slower to reach: the batches before it are produced again and dropped.
         """
         if not isinstance(state, dict) or not isinstance(state.get("batches"), int) or state["batches"] < 0:
             raise ValueError(f"not a TrainStream state: {state!r}")

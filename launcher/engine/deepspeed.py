@@ -6,6 +6,7 @@ import logging
 import math
 import os
 import re
+import time
 from pathlib import Path
 
 import deepspeed
@@ -60,16 +61,25 @@ class DeepSpeedEngine(Engine):
         )
         self.stage = self.ds_config["zero_optimization"].get("stage", 0)
         # DeepSpeed's own communication layer wraps the process group that already exists.
+        log.info("DeepSpeed joins the process group (on CPU it first builds or loads its shared-memory op)")
+        start = time.perf_counter()
         deepspeed.init_distributed(dist_init_required=False)
+        log.info("DeepSpeed communication ready in %.1f s", time.perf_counter() - start)
         # While this object lives, transformers builds and loads the model under deepspeed.zero.Init: with
         # ZeRO-3 each rank only ever materialises its own partition of the weights. It must not outlive the
         # build: any later model construction (the export, on rank 0 alone) would become a collective and hang.
         hf_ds = HfDeepSpeedConfig(self.ds_config) if self.stage == 3 else None
+        source = recipe.model.name_or_path
+        log.info(
+            "ZeRO stage %d: %s", self.stage, f"loading the weights of {source}" if source else "initialising the model"
+        )
+        start = time.perf_counter()
         try:
             model = build_model(recipe, config, self.dtype)
         finally:
             del hf_ds
             unset_hf_deepspeed_config()
+        log.info("model built in %.1f s", time.perf_counter() - start)
         # DeepCompile ("compile": {"deepcompile": true} in the DeepSpeed config) compiles the whole model with
         # ZeRO's gathers scheduled inside the graph; otherwise train.compile compiles each decoder layer.
         deepcompile = bool((self.ds_config.get("compile") or {}).get("deepcompile"))
@@ -81,6 +91,8 @@ class DeepSpeedEngine(Engine):
         # DeepCompile schedules ZeRO-3's gathers inside the compiled graph itself; leaf modules are for the hooks.
         if self.stage == 3 and recipe.parallel.zero3_layer_gather and not deepcompile:
             set_z3_leaf_modules(model, list(decoder_layer_classes(model)))
+        log.info("setting up DeepSpeed: optimizer, ZeRO partitions and the ops it builds on first use")
+        start = time.perf_counter()
         self.ds, _, _, _ = deepspeed.initialize(
             model=model,
             model_parameters=[p for p in model.parameters() if p.requires_grad],
@@ -88,9 +100,12 @@ class DeepSpeedEngine(Engine):
             lr_scheduler=lambda opt: LambdaLR(opt, lr_lambda(recipe)),
             dist_init_required=False,
         )
+        log.info("DeepSpeed engine initialised in %.1f s", time.perf_counter() - start)
         if deepcompile and recipe.train.compile:
             _plain_arch_list()
+            start = time.perf_counter()
             self.ds.compile()
+            log.info("DeepCompile set up in %.1f s; the first steps compile the graph", time.perf_counter() - start)
         self.ds.checkpoint_engine = _CheckpointFiles()
 
     @property

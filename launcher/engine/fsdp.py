@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from pathlib import Path
 from typing import Any, cast
 
@@ -62,7 +63,12 @@ class FsdpEngine(Engine):
 
         # Rank 0 reads the weights once; every other rank builds the model on the meta device and receives its
         # shards by broadcast, so host memory holds one full copy per node, not one per rank.
+        source = recipe.model.name_or_path
+        log.info("FSDP2: %s on rank 0", f"loading the weights of {source}" if source else "initialising the model")
+        start = time.perf_counter()
         full = build_model(recipe, config, torch.float32) if info.rank == 0 else None
+        log.info("model built in %.1f s; sharding it over %d ranks", time.perf_counter() - start, info.world_size)
+        start = time.perf_counter()
         with init_empty_weights(include_buffers=False):
             model = AutoModelForCausalLM.from_config(
                 config, dtype=torch.float32, attn_implementation=recipe.model.attn_implementation,
@@ -91,6 +97,7 @@ class FsdpEngine(Engine):
             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False),
         )
         del full
+        log.info("model sharded in %.1f s", time.perf_counter() - start)
         if config.tie_word_embeddings:
             model.tie_weights()
         self.model = model
