@@ -18,6 +18,7 @@ from pathlib import Path
 from .config import DS_CONFIG_DIR, ConfigError, SourceConfig, eval_overlap_warnings, to_yaml
 from .engine import PLANS, plan_for
 from .launch import default_nproc
+from .lengths import train_steps
 from .run import load_or_exit, run_recipe
 
 DISTRIBUTION = "cpt-launcher"
@@ -51,14 +52,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(f"warning: {warning}", file=sys.stderr)
     print("---")
     t = recipe.train
+    steps = train_steps(t, layout.tokens_per_step)
     lines = {
         "world": f"{args.nodes} node(s) x {gpus} worker(s) = {world} ranks, engine {recipe.parallel.engine} "
         f"({recipe.parallel.config})",
         "micro batch": f"{layout.micro_batch_size} sequences per rank",
         "gradient accumulation": layout.grad_accum,
         "global batch": f"{layout.global_batch_size} sequences = {layout.tokens_per_step:,} tokens per step",
-        "steps": t.max_steps,
-        "tokens in total": f"{layout.tokens_per_step * t.max_steps:,}",
+        "steps": steps,
+        "tokens in total": f"{layout.tokens_per_step * steps:,}",
     }
     try:
         cfg, note = plan_model_config(recipe)

@@ -16,6 +16,7 @@ from .data import check_sources
 from .data.sources import source_kind
 from .engine import plan_for
 from .files import is_hub_id
+from .lengths import check_length
 
 
 def load_recipe(
@@ -39,6 +40,7 @@ def load_recipe(
     raw = read_tree(path, list(overrides), problems)
     recipe = build(Recipe, raw, "", problems)
     problems += check_values(recipe)
+    problems += check_length(recipe)
     n = world_size(recipe) if callable(world_size) else world_size
     problems += plan_for(recipe).check(recipe, n)
     if n is not None and recipe.train.micro_batch_size > 0:

@@ -45,7 +45,7 @@ def test_corpora_are_non_empty_with_usable_eval_sets(assets):
         assert len(train) >= 200, domain
         assert all(doc.strip() for doc in train + held_out), domain
         assert sum(map(len, held_out)) >= 15_000, domain
-        assert 0.03 <= len(held_out) / (len(train) + len(held_out)) <= 0.08, domain
+        assert abs(len(held_out) / (len(train) + len(held_out)) - 1 / qa.EVAL_EVERY[domain]) <= 0.02, domain
 
 
 def test_every_line_is_a_text_record(assets):
