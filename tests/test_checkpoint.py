@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -10,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from conftest import REPO, cpt, read_metrics, tiny_recipe, train_losses, worker_env, write_recipe
@@ -43,7 +45,13 @@ def test_sigkill_of_the_whole_job_then_resume_is_bit_exact(assets, tmp_path, eng
     while time.time() < end and not (killed / "checkpoints" / "step-4").is_dir():
         assert proc.poll() is None, "run ended before it could be killed"
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # the whole job: cpt, torchrun and every worker, mid-step
+    # The whole job, mid-step: cpt and torchrun (one process group) and every worker (torchrun starts each in a
+    # session of its own), all at once.
+    family = psutil.Process(proc.pid).children(recursive=True)
+    os.killpg(proc.pid, signal.SIGKILL)
+    for p in family:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
     proc.wait()
     assert max(m["step"] for m in read_metrics(killed) if "loss" in m) < 8
     cpt("run", str(killed_recipe))
