@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 from conftest import read_metrics, run, tiny_recipe, write_recipe
+from test_data import split_on
 from transformers import AutoTokenizer
 
 from launcher.config import ConfigError, SourceConfig, eval_overlap_warnings
@@ -57,18 +58,6 @@ def ids(tok, text: str) -> tuple[int, ...]:
     return tuple(tok(text, add_special_tokens=False)["input_ids"])
 
 
-def split_on_eos(tokens: list[int], eos: int) -> list[tuple[int, ...]]:
-    docs, cur = [], []
-    for t in tokens:
-        if t == eos:
-            docs.append(tuple(cur))
-            cur = []
-        else:
-            cur.append(t)
-    assert not cur, "a pass ends with the EOS of its last document"
-    return docs
-
-
 def first_pass(stream: TrainStream, slots: int) -> list[tuple[int, ...]]:
     """The documents of one rank's first pass, from a stream of one token per batch (nothing is cut off)."""
     per_worker: list[list[int]] = [[] for _ in range(slots)]
@@ -81,7 +70,7 @@ def first_pass(stream: TrainStream, slots: int) -> list[tuple[int, ...]]:
             finished[worker] = True
             if all(finished):
                 break
-    return [d for tokens in per_worker for d in split_on_eos(tokens, stream.spec.eos_id)]
+    return [d for tokens in per_worker for d in split_on(tokens, stream.spec.eos_id)]
 
 
 @pytest.mark.parametrize(

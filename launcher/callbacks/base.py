@@ -98,6 +98,17 @@ def plain(value: Any) -> Any:
     return str(value)
 
 
+def logged_number(v: object) -> float | None:
+    """A metric as a float for a logger (NaN included: a diverged loss is worth seeing); None for None, booleans
+    and text."""
+    if isinstance(v, bool) or v is None:
+        return None
+    try:
+        return float(v)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+
+
 def finite(x: Any) -> float | None:
     """``x`` as a float, or None when missing or not finite."""
     try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from launcher.callbacks.base import Callback, RunInfo
+from launcher.callbacks.base import Callback, RunInfo, logged_number
 
 TENSORBOARD_DIR = "tensorboard"
 
@@ -39,7 +39,7 @@ class TensorBoard(Callback):
         if self.writer is None:
             return
         for name, value in metrics.items():
-            number = _number(value)
+            number = logged_number(value)
             if number is not None and name not in _NOT_SCALARS:
                 self.writer.add_scalar(f"train/{name}", number, global_step=int(step))
         # Flushed at every logged step, as metrics.jsonl is: a preempted or crashed run keeps what it logged.
@@ -50,7 +50,7 @@ class TensorBoard(Callback):
             return
         for name, res in results.items():
             for key in ("loss", "perplexity", "tokens"):
-                number = _number(res.get(key))
+                number = logged_number(res.get(key))
                 if number is not None:
                     self.writer.add_scalar(f"eval/{name}/{key}", number, global_step=int(step))
         self.writer.flush()
@@ -59,13 +59,3 @@ class TensorBoard(Callback):
         if self.writer is not None:
             self.writer.close()
             self.writer = None
-
-
-def _number(v: object) -> float | None:
-    """Numbers (NaN included: a diverged loss is worth seeing) as floats; None, booleans and text as None."""
-    if isinstance(v, bool) or v is None:
-        return None
-    try:
-        return float(v)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return None

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from launcher.callbacks.base import Callback, RunInfo, run_name
+from launcher.callbacks.base import Callback, RunInfo, logged_number, run_name
 from launcher.config import LoggingConfig, Recipe, to_dict
 from launcher.files import atomic_write
 from launcher.redact import redact_text, scrub
@@ -130,7 +130,7 @@ class WandbCallback(Callback):
     def on_step(self, step: int, metrics: dict[str, float]) -> None:
         if self.run is None:
             return
-        data = {f"train/{k}": _number(v) for k, v in metrics.items()}
+        data = {f"train/{k}": logged_number(v) for k, v in metrics.items()}
         self.run.log({k: v for k, v in data.items() if v is not None}, step=int(step))
 
     def on_eval(self, step: int, results: dict[str, dict[str, float]]) -> None:
@@ -140,7 +140,7 @@ class WandbCallback(Callback):
             f"eval/{name}/{k}": float(v)
             for name, res in results.items()
             for k, v in res.items()
-            if k in ("loss", "perplexity", "tokens") and _number(v) is not None
+            if k in ("loss", "perplexity", "tokens") and logged_number(v) is not None
         }
         self.run.log(data, step=int(step))
 
@@ -157,13 +157,3 @@ def _new_run_id() -> str:
     """Eight lowercase letters and digits, the shape of W&B's own run ids."""
     alphabet = string.ascii_lowercase + string.digits
     return "".join(secrets.choice(alphabet) for _ in range(8))
-
-
-def _number(v: object) -> float | None:
-    """Numbers (NaN included: a diverged loss is worth seeing) as floats; None and other values as None."""
-    if isinstance(v, bool) or v is None:
-        return None
-    try:
-        return float(v)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return None
