@@ -81,7 +81,7 @@ class Trainer:
         self.skipped_steps = 0
         self.skipped_in_a_row = 0
         self.resumed_from = self._resume()
-        self.passes = 0 if self.resumed_from is None else self._passes()
+        self.passes = 0 if self.resumed_from is None or self.stream is None else self.stream.passes_completed()
         if info.is_main:
             for warning in eval_overlap_warnings(recipe):
                 log.warning("%s", warning)
@@ -178,17 +178,9 @@ class Trainer:
         self.callbacks.on_train_end(run, final)
         return results
 
-    def _passes(self) -> int | None:
-        """Passes over the training data that every reader of this rank has finished (an epoch, with one source);
-        None until each reader's position is known."""
-        workers = self.stream.state_dict()["workers"] if self.stream is not None else None
-        if not workers or any(w is None for w in workers):
-            return None
-        return min(int(w["pass"]) for w in workers)
-
     def _note_passes(self) -> None:
         """Log the end of each pass on rank 0; the other ranks' readers end theirs within a few steps of it."""
-        passes = self._passes() if self.info.is_main else None
+        passes = self.stream.passes_completed() if self.info.is_main and self.stream is not None else None
         if passes is None:
             return
         if self.passes is not None and passes > self.passes:

@@ -354,6 +354,13 @@ class TrainStream:
         out["data/batch_hash"] = _hash48(*hashes)
         return out
 
+    def passes_completed(self) -> int | None:
+        """Passes over the training data that every reader of this rank has finished (an epoch, with one source);
+        None until each reader's position is known."""
+        if self._replay or any(s is None for s in self._states):
+            return None
+        return min(int(s["pass"]) for s in self._states if s is not None)
+
     def state_dict(self) -> dict[str, Any]:
         """The position as plain JSON: micro-batches yielded so far, each worker's reader state after the last
         batch taken from it, the tokens consumed per source and the running hash of the consumed token ids."""
