@@ -25,12 +25,13 @@ def load_recipe(
     *,
     world_size: int | Callable[[Recipe], int] | None = None,
     check_files: bool = False,
+    ask_hub: bool = True,
 ) -> Recipe:
     """Merge, validate and build the recipe. Raises ConfigError naming every problem at once.
 
     With ``world_size`` (a number, or a function of the recipe) the batch math and the engine's layout are checked
-    for that many ranks; with ``check_files`` the local model and data paths must exist and the hub's models and
-    datasets be within reach (:func:`check_hub`)."""
+    for that many ranks; with ``check_files`` the local model and data paths must exist and, with ``ask_hub``, the
+    hub's models and datasets be within reach (:func:`check_hub`: one process of a job asks, not every rank)."""
     problems: list[str] = []
     path = Path(path)
     if path.is_dir():
@@ -51,7 +52,7 @@ def load_recipe(
     if check_files:
         problems += check_model_paths(recipe)
         problems += check_sources(recipe.data.train + list(recipe.eval.sets.values()))
-        problems += check_hub(recipe)
+        problems += check_hub(recipe) if ask_hub else []
     if problems:
         raise ConfigError(problems)
     return recipe

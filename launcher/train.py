@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     lock = None
     try:
         world = int(os.environ.get("WORLD_SIZE", "1"))
-        recipe = load_recipe(args.recipe, args.overrides, world_size=world, check_files=True)
+        # Rank 0 asks the hub for the job: when it refuses, the launcher stops the other ranks.
+        recipe = load_recipe(args.recipe, args.overrides, world_size=world, check_files=True, ask_hub=rank == 0)
         if rank == 0:
             lock = launch.RunLock(recipe.output_dir, launch.job_token())
             lock.acquire()
