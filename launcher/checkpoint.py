@@ -194,7 +194,7 @@ def os_error_of(error: BaseException) -> OSError | None:
 
 def _write_failure(tmp: Path, output_dir: str | Path, cause: OSError) -> str:
     try:
-        previous = next((p for p in reversed(complete_checkpoints(output_dir)) if verify(p) is None), None)
+        previous = newest_verified(output_dir)
     except OSError:
         previous = None
     resume = (
@@ -258,7 +258,8 @@ def export_problem(checkpoint: Path, out_dir: Path | None = None) -> str | None:
     return None
 
 
-def _newest_verified(output_dir: Path) -> Path | None:
+def newest_verified(output_dir: str | Path) -> Path | None:
+    """The newest committed checkpoint that verifies, or None (no logging, no process group)."""
     return next((p for p in reversed(complete_checkpoints(output_dir)) if verify(p) is None), None)
 
 
@@ -266,12 +267,12 @@ def _instead_of(path: Path) -> str:
     """What ``path``, a directory without trainer_state.json, is, and the checkpoint to pass instead."""
     name = path.name
     if name.endswith(".tmp") and STEP_RE.match(name.removesuffix(".tmp")):
-        newest = _newest_verified(path.parent.parent)
+        newest = newest_verified(path.parent.parent)
         instead = f"pass a complete one: the newest is {newest}" if newest else "the run has no complete checkpoint"
         return f"an unfinished checkpoint (its save did not complete); {instead}"
-    if name == "checkpoints" and (newest := _newest_verified(path.parent)) is not None:
+    if name == "checkpoints" and (newest := newest_verified(path.parent)) is not None:
         return f"holds a run's checkpoints; pass one of them, the newest is {newest}"
-    if (newest := _newest_verified(path)) is not None:
+    if (newest := newest_verified(path)) is not None:
         return f"a run's output_dir, not a checkpoint; pass its newest checkpoint {newest}"
     if (path / "final" / "config.json").is_file():
         return f"a run's output_dir without a complete checkpoint; its final model {path / 'final'} needs no export"
