@@ -8,6 +8,7 @@ enough to export a Hugging Face model. A directory without the ``.tmp`` suffix i
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -19,13 +20,14 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import yaml
 from torch.distributed.checkpoint.api import CheckpointException
 
 from .config import to_yaml
 from .engine import PLANS, Engine, plan_for
+from .export import DEFAULT_SHARD_SIZE, write_hf_model
 from .files import atomic_write, os_error_in, torch_save, write_text
 from .launch import DistInfo
-from .model import save_hf_model
 
 log = logging.getLogger(__name__)
 
@@ -131,9 +133,11 @@ def save(
             atomic_write(root / "latest", final.name + "\n")
         except OSError as e:
             log.warning("checkpoint %s is committed but %s could not be updated: %s", final, root / "latest", e)
-        # Old checkpoints go only once the new one is committed.
+        # Old checkpoints go only once the new one is committed, and with them what was derived from them.
         for old in complete_checkpoints(output_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
+        for derived in _orphaned_derivatives(root):
+            shutil.rmtree(derived, ignore_errors=True)
         log.info("checkpoint committed: %s", final)
     _barrier()
     return final
@@ -208,30 +212,117 @@ def _write_failure(tmp: Path, output_dir: str | Path, cause: OSError) -> str:
     )
 
 
-def load(engine: Engine, info: DistInfo, path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Restore engine, RNG; return (trainer_state, this rank's data state). Collective.
+def _orphaned_derivatives(root: Path) -> list[Path]:
+    """What was derived from a checkpoint and kept beside it, ``step-N.<what>`` (``step-N.universal``: DeepSpeed's
+    universal form, made when a run resumed on another world size), whose checkpoint ``step-N`` is gone. Unfinished
+    ``.tmp`` directories are the next save's to remove."""
+    found = [(m.group(1), p) for p in root.iterdir() if (m := DERIVED_RE.match(p.name)) and p.is_dir()]
+    return [p for step, p in found if not (root / step).is_dir()]
 
-    A checkpoint is resumed only with the world size it was saved with; any other is refused before anything is
-    loaded. The data order is not a property of the data alone: every (rank, DataLoader worker) reads its own
-    part of every source, and which documents a rank's batches hold -- and where the document cut by the end of
-    its last batch continues -- follows from that division. With another world size the saved positions
-    describe parts that no longer exist, so the run could only approximate where it was (skipping as many
-    batches as were consumed), seeing some documents twice and skipping others without saying so.
+
+DERIVED_RE = re.compile(r"^(step-\d+)\.(?!(.*\.)?tmp$)[\w.]+$")
+
+
+def engine_problem(path: Path, engine: str) -> str | None:
+    """Why the checkpoint ``path`` cannot be resumed by ``engine`` (the recipe's parallel.engine), or None: each
+    engine reads only its own checkpoint format."""
+    saved = json.loads((path / "trainer_state.json").read_text()).get("engine")
+    if saved is None or saved == engine:
+        return None
+    return (
+        f"cannot resume {path}: it was written by the {saved} engine and this recipe uses {engine} "
+        f"(parallel.engine). Each engine reads only its own checkpoints: run with parallel.engine={saved} (and its "
+        f"config), or start from this checkpoint's weights as a new run: `cpt export {path} DIR`, then "
+        "model.name_or_path=DIR with another output_dir."
+    )
+
+
+def load(
+    engine: Engine, info: DistInfo, path: Path
+) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]] | None]:
+    """Restore engine and RNG; return (trainer_state, this rank's data state, every old rank's data state when the
+    world size changed, else None). Collective.
+
+    The checkpoint must come from the recipe's engine (:func:`engine_problem`); anything else is refused before
+    anything is loaded. It may come from another world size (number of ranks):
+
+    - model and optimizer states: the engine reshards them (FSDP2: torch.distributed.checkpoint; DeepSpeed ZeRO:
+      through its universal checkpoint, converted once beside the checkpoint);
+    - schedule and step: independent of the world size; the global batch stays what the recipe says (gradient
+      accumulation follows from it and the new world size), a change of it is logged as a warning;
+    - data position: every rank's position is read (``data-rank{r}.json`` of each old rank r) and the stream
+      divides what the old ranks had left among the new ones, so no document is read twice or skipped. A new
+      rank that the saved run did not have gets rank 0's state as its own (the stream works from all of them);
+    - RNG: a rank with a saved ``rng-rank{r}.pt`` continues it; a rank the saved run did not have is seeded from
+      (train.seed, step, rank) (:func:`_seed_new_rank`), the same on every resume of this checkpoint.
     """
     state = json.loads((path / "trainer_state.json").read_text())
-    saved = state.get("world_size")
+    problem = engine_problem(path, engine.recipe.parallel.engine)
+    if problem is not None:
+        raise RuntimeError(problem)
+    saved = int(state.get("world_size") or info.world_size)
     if saved != info.world_size:
-        raise RuntimeError(
-            f"cannot resume {path}: it was saved by {saved} ranks (processes) and this run has {info.world_size}. "
-            f"The data position of each rank is only valid for the world size it was saved with, so a resume "
-            f"with another one would repeat some documents and skip others. Run with {saved} ranks "
-            f"(e.g. parallel.nproc_per_node={saved} on one machine), or point output_dir somewhere else to "
-            "start a new run from the base model."
+        rng = (
+            f"{_ranks(saved, info.world_size)} (no saved RNG state) seeded from train.seed, the step and the rank"
+            if saved < info.world_size
+            else f"the saved RNG states of {_ranks(info.world_size, saved)} unused"
         )
+        log.info(
+            "world size changed: %d -> %d ranks (%s was saved by %d): the engine reshards the model and optimizer "
+            "states, the data position of the %d old ranks is re-divided among the %d new ones, %s",
+            saved, info.world_size, path, saved, saved, info.world_size, rng,
+        )  # fmt: skip
+        if info.rank == 0:
+            _log_batch_change(engine, path, saved)
     engine.load(path)
-    data_state = json.loads((path / f"data-rank{info.rank}.json").read_text())
-    _set_rng_state(torch.load(path / f"rng-rank{info.rank}.pt", weights_only=True))
-    return state, data_state
+    all_ranks = None
+    if saved != info.world_size:
+        all_ranks = [json.loads((path / f"data-rank{r}.json").read_text()) for r in range(saved)]
+        data_state = all_ranks[info.rank] if info.rank < saved else all_ranks[0]
+    else:
+        data_state = json.loads((path / f"data-rank{info.rank}.json").read_text())
+    if info.rank < saved:
+        _set_rng_state(torch.load(path / f"rng-rank{info.rank}.pt", weights_only=True))
+    else:
+        _seed_new_rank(engine.recipe.train.seed, int(state["step"]), info.rank)
+    return state, data_state, all_ranks
+
+
+def _ranks(first: int, end: int) -> str:
+    return f"rank {first}" if end - first == 1 else f"ranks {first}-{end - 1}"
+
+
+def _seed_new_rank(seed: int, step: int, rank: int) -> None:
+    """The RNG state of a rank the saved run did not have: torch (CPU and GPU) and Python's ``random`` seeded with
+    the first 8 bytes of sha256("{train.seed}:{step}:{rank}")."""
+    value = int.from_bytes(hashlib.sha256(f"{seed}:{step}:{rank}".encode()).digest()[:8], "big")
+    torch.manual_seed(value)
+    random.seed(value)
+
+
+def _log_batch_change(engine: Engine, path: Path, saved: int) -> None:
+    """Log the global batch and gradient accumulation before and after a change of world size; warn if the global
+    batch itself changed (train.global_batch_size unset: it is then micro-batch x world size)."""
+    now = engine.layout
+    try:
+        train = (yaml.safe_load((path / "resolved_recipe.yaml").read_text()) or {}).get("train") or {}
+        micro = int(train.get("micro_batch_size") or now.micro_batch_size)
+        before = int(train.get("global_batch_size") or micro * saved)
+    except (OSError, ValueError, TypeError, AttributeError, yaml.YAMLError):
+        return
+    log.info("global batch: gradient accumulation %d x micro-batch %d x %d ranks = %d sequences before, %d x %d x %d "
+             "= %d now", before // max(1, micro * saved), micro, saved, before, now.grad_accum, now.micro_batch_size,
+             now.world_size, now.global_batch_size)  # fmt: skip
+    if before != now.global_batch_size:
+        unset = (
+            ""
+            if engine.recipe.train.global_batch_size
+            else " (train.global_batch_size is not set, so it is train.micro_batch_size x the world size)"
+        )
+        log.warning(
+            "the global batch changes from %d to %d sequences per step%s; set train.global_batch_size=%d to keep "
+            "the one the checkpoint was trained with", before, now.global_batch_size, unset, before,
+        )  # fmt: skip
 
 
 def export_problem(checkpoint: Path, out_dir: Path | None = None) -> str | None:
@@ -281,9 +372,11 @@ def _instead_of(path: Path) -> str:
     return "no trainer_state.json, so not a checkpoint; pass a checkpoint folder, e.g. runs/NAME/checkpoints/step-N"
 
 
-def export(checkpoint: Path, out_dir: Path, max_shard_size: str = "5GB") -> Path:
-    """A consolidated Hugging Face model from a checkpoint, in one process, without a process group. Raises
-    ValueError, naming the path, when ``checkpoint`` is not a complete checkpoint (see :func:`export_problem`)."""
+def export(checkpoint: Path, out_dir: Path, max_shard_size: str | int = DEFAULT_SHARD_SIZE) -> Path:
+    """A consolidated Hugging Face model from a checkpoint, in one process, without a process group, read and
+    written one decoder layer at a time (memory: one safetensors shard of at most ``max_shard_size`` plus one
+    layer). Raises ValueError, naming the path, when ``checkpoint`` is not a complete checkpoint (see
+    :func:`export_problem`)."""
     from transformers import AutoConfig, AutoTokenizer
 
     checkpoint = Path(checkpoint)
@@ -294,5 +387,5 @@ def export(checkpoint: Path, out_dir: Path, max_shard_size: str = "5GB") -> Path
     config = AutoConfig.from_pretrained(checkpoint / "hf")
     tokenizer = AutoTokenizer.from_pretrained(checkpoint / "hf")
     dtype = getattr(torch, state.get("dtype", "float32"))
-    sd = plan_for(state["engine"]).export_state_dict(checkpoint, config)
-    return save_hf_model(sd, config, tokenizer, out_dir, dtype, max_shard_size=max_shard_size)
+    tensors = plan_for(state["engine"]).export_tensors(checkpoint, config)
+    return write_hf_model(tensors, config, tokenizer, out_dir, dtype, max_shard_size=max_shard_size)

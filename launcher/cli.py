@@ -78,8 +78,28 @@ def cmd_plan(args: argparse.Namespace) -> int:
     for k, v in lines.items():
         print(f"{k:>22}: {v}")
     if cfg is not None:
-        return _plan_memory(recipe, cfg, world, args.gpu_memory_gib)
+        code = _plan_memory(recipe, cfg, world, args.gpu_memory_gib)
+        _plan_host(recipe, cfg, world, gpus, args.read_gbps)
+        return code
     return 0
+
+
+def _plan_host(recipe, cfg, world: int, ranks_per_node: int, read_gbps: float) -> None:
+    """Host memory per rank and node for loading and for the offloaded training state; the load's disk reads."""
+    from .memory import host_estimate
+    from .model import param_counts
+    from .weights import checkpoint_bytes
+
+    source = recipe.model.name_or_path
+    size: float | None = None
+    if source:
+        size = checkpoint_bytes(Path(source)) if Path(source).is_dir() else None
+        if size is None:  # a hub model not downloaded here: its parameters in the config's dtype
+            dtype = str(getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None) or "bfloat16")
+            size = param_counts(cfg, recipe.model.trust_remote_code).total * (4 if "32" in dtype else 2)
+    est = host_estimate(recipe, cfg, world, ranks_per_node, size)
+    print("--- host memory (beyond each process's own ~2-4 GiB)")
+    print(est.table(ranks_per_node, read_gbps))
 
 
 def _plan_memory(recipe, cfg, world: int, gpu_memory_gib: float | None) -> int:
@@ -271,6 +291,17 @@ def _positive(kind: type[int] | type[float]):
     return parse
 
 
+def _shard_size(text: str) -> str:
+    """``--max-shard-size``: a size such as 5GB, 500MB or 2GiB, checked before anything is read."""
+    from .export import parse_size
+
+    try:
+        parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 def _version() -> str:
     try:
         return importlib.metadata.version(DISTRIBUTION)
@@ -313,6 +344,12 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
         default=None,
         help="memory of one GPU in GiB to check the fit against (default: this machine's GPU)",
     )
+    pl.add_argument(
+        "--read-gbps",
+        type=_positive(float),
+        default=2.0,
+        help="disk read speed per node in GB/s that the load time is estimated with (default 2)",
+    )
     pl.set_defaults(func=cmd_plan)
 
     e = command("eval", "perplexity of a saved model on one data file; prints one JSON line last")
@@ -334,7 +371,13 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     x = command("export", "consolidated Hugging Face model from a checkpoint")
     x.add_argument("checkpoint", help="a checkpoint folder, e.g. runs/NAME/checkpoints/step-2000")
     x.add_argument("out", help="directory to write the model to (safetensors, config, tokenizer)")
-    x.add_argument("--max-shard-size", default="5GB", help="largest safetensors file, e.g. 5GB, 500MB")
+    x.add_argument(
+        "--max-shard-size",
+        type=_shard_size,
+        default="5GB",
+        help="largest safetensors file, e.g. 5GB, 500MB or 2GiB (default: 5GB); the export holds about one such "
+        "file plus one decoder layer in memory",
+    )
     x.set_defaults(func=cmd_export)
 
     st = command("status", "who runs in an output_dir, whether it is alive, last step and checkpoint")

@@ -17,7 +17,12 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-TESTED = {"torch": ("2.11", "2.13"), "datasets": ("5.2", "5.2")}
+TESTED = {
+    "torch": ("2.11", "2.13"),
+    "datasets": ("5.2", "5.2"),
+    "transformers": ("5.17", "5.24"),
+    "deepspeed": ("0.19", "0.19"),
+}
 """Inclusive (oldest, newest) major.minor of each library the private uses below were checked with."""
 
 _warned: set[str] = set()
@@ -96,3 +101,28 @@ def no_download_count_ping() -> Iterator[None]:
         yield
     finally:
         datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = before
+
+
+def init_module_weights(model: Any, module: Any) -> None:
+    """Initialise ``module``'s own parameters by the rule of ``model``'s architecture: transformers'
+    ``PreTrainedModel._init_weights(module)``, the method each architecture overrides (documented for subclasses,
+    but named as private). It is what ``from_config`` applies to every module; here it is applied to one module
+    at a time, so that a model too large for one process can be initialised in place."""
+    import transformers
+
+    what = "transformers PreTrainedModel._init_weights"
+    check_version("transformers", transformers.__version__, what)
+    _require(model, "_init_weights", what)(module)
+
+
+def deepspeed_engine_config(engine: Any) -> Any:
+    """The parsed config of a DeepSpeed engine (``DeepSpeedEngine._config``): DeepSpeed reads its
+    ``load_universal_checkpoint`` flag when it loads a checkpoint, and offers no other way to load a universal
+    checkpoint into an engine built without it."""
+    import deepspeed
+
+    what = "deepspeed DeepSpeedEngine._config.load_universal_checkpoint"
+    check_version("deepspeed", deepspeed.__version__, what)
+    config = _require(engine, "_config", what)
+    _require(config, "load_universal_checkpoint", what)
+    return config

@@ -20,11 +20,12 @@ from .config import Recipe, eval_overlap_warnings, to_yaml
 from .data import TrainStream, eval_blocks
 from .engine import Engine, build_engine
 from .evaluate import evaluate
+from .export import write_hf_model
 from .files import atomic_write
 from .launch import DistInfo
 from .lengths import with_token_budget
-from .metrics import Throughput, flops_per_token, memory_stats, mfu, peak_flops
-from .model import load_config, load_tokenizer, save_hf_model
+from .metrics import Throughput, flops_per_token, host_memory_gib, memory_stats, mfu, peak_flops
+from .model import load_config, load_tokenizer
 from .preemption import PREEMPTED_EXIT_CODE, Preemption
 from .profiling import StepProfiler
 
@@ -57,7 +58,8 @@ class Trainer:
         log.info("building the model under %s (%s)", recipe.parallel.engine, recipe.parallel.config)
         stage = time.perf_counter()
         self.engine: Engine = build_engine(recipe, info, self.layout, self.config)
-        log.info("engine ready in %.1f s", time.perf_counter() - stage)
+        log.info("engine ready in %.1f s; host memory %.2f GiB (peak %.2f GiB)", time.perf_counter() - stage,
+                 *host_memory_gib())  # fmt: skip
         stage = time.perf_counter()
         d = recipe.data
         # An evaluation-only run (train.max_steps=0) needs no training data.
@@ -104,10 +106,11 @@ class Trainer:
         path = checkpoint.latest_checkpoint(self.out)
         if path is None or self.stream is None:
             return None
-        state, data_state = checkpoint.load(self.engine, self.info, path)
+        state, data_state, all_ranks = checkpoint.load(self.engine, self.info, path)
         self.step = state["step"]
         self.tokens_seen = state.get("tokens_seen", 0)
-        self.stream.load_state_dict(data_state)
+        # all_ranks (saved on another world size): the stream re-divides the old ranks' positions among the new ones
+        self.stream.load_state_dict(data_state, all_ranks=all_ranks)
         log.info("resumed from %s at step %d", path, self.step)
         return path
 
@@ -251,12 +254,18 @@ class Trainer:
         )  # fmt: skip
 
     def _export(self) -> Path | None:
-        sd = self.engine.full_state_dict()
+        """``final/``: the engine gathers the weights one decoder layer at a time (every rank takes part) and rank 0
+        writes each shard as soon as it is complete, so no process holds the whole model."""
+        tensors = self.engine.export_tensors()
         path = None
-        if self.info.is_main:
-            path = save_hf_model(sd, self.config, self.tokenizer, self.out / "final", self.engine.dtype)
-            log.info("Hugging Face model written to %s", path)
-        del sd
+        try:
+            if self.info.is_main:
+                path = write_hf_model(tensors, self.config, self.tokenizer, self.out / "final", self.engine.dtype)
+                log.info("Hugging Face model written to %s", path)
+        finally:
+            # the other ranks, and rank 0 after a failed write, still take part in every gather that is left
+            for _ in tensors:
+                pass
         if dist.is_initialized():
             dist.barrier()
         return path

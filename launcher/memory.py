@@ -116,3 +116,51 @@ def suggest_micro_batch(
         ):
             best = (mb, per_rank // mb)
     return best
+
+
+READ_GBPS = 2.0
+"""Disk read speed a load time is planned with by default, in GB/s: a parallel filesystem's share per node or a
+local NVMe drive read by several ranks at once; ``cpt plan --read-gbps`` sets the machine's own."""
+
+
+@dataclass
+class HostEstimate:
+    parts: dict[str, float]
+    """Host bytes per rank by component, beyond the process itself (Python, torch, CUDA context)."""
+    read_per_node: float
+    """Bytes one node reads from disk to load the model."""
+    note: str
+
+    def table(self, ranks_per_node: int, read_gbps: float = READ_GBPS) -> str:
+        rows = [f"{k:>22}: {v / GIB:8.2f} GiB" for k, v in self.parts.items()]
+        total = sum(self.parts.values())
+        rows.append(f"{'per rank':>22}: {total / GIB:8.2f} GiB")
+        rows.append(f"{'per node':>22}: {total * ranks_per_node / GIB:8.2f} GiB ({ranks_per_node} ranks)")
+        seconds = self.read_per_node / (read_gbps * 1e9)
+        rows.append(f"{'load reads per node':>22}: {self.read_per_node / 1e9:8.2f} GB, about {seconds:.0f} s at "
+                    f"{read_gbps:g} GB/s")  # fmt: skip
+        return "\n".join(rows + [f"{'':>22}  {self.note}"])
+
+
+def host_estimate(
+    recipe: Recipe, config: Any, world_size: int, ranks_per_node: int, checkpoint_bytes: float | None
+) -> HostEstimate:
+    """Host memory per rank while loading and training, and what a node reads to load the model.
+    ``checkpoint_bytes``: the size of the pretrained weights (None: a random start, nothing read)."""
+    counts = param_counts(config, recipe.model.trust_remote_code)
+    plan = plan_for(recipe)
+    w = max(1, world_size)
+    parts: dict[str, float] = {}
+    if checkpoint_bytes is None:
+        read, note = 0.0, "a random start: each rank initialises its own share, nothing is read"
+    elif plan.loads_shards(recipe):
+        # Each rank reads the slices it owns (memory-mapped: the page cache holds them, and gives them back).
+        parts["loading (page cache)"] = checkpoint_bytes / w
+        read = checkpoint_bytes * min(ranks_per_node, w) / w
+        note = "every rank reads only its share of the checkpoint"
+    else:
+        parts["loading (whole model)"] = checkpoint_bytes
+        read = checkpoint_bytes
+        note = "ZeRO 0-2 keep a whole model on every rank by design: each rank loads all of it"
+    parts.update(plan.host_state_bytes(recipe, counts.total, w))
+    return HostEstimate(parts, read, note)

@@ -155,3 +155,15 @@ class Throughput:
     def reset(self) -> None:
         """Forget the window, e.g. after an evaluation pause that is not training time."""
         self._steps.clear()
+
+
+def host_memory_gib() -> tuple[float, float]:
+    """(resident, peak resident) host memory of this process in GiB: what the kernel counts for it, mapped file
+    pages included."""
+    import resource
+    import sys
+
+    import psutil
+
+    peak = float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * (1 if sys.platform == "darwin" else 1024)
+    return psutil.Process().memory_info().rss / 2**30, peak / 2**30

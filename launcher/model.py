@@ -1,15 +1,14 @@
-"""The Hugging Face model, tokenizer and config a recipe names; and writing a consolidated model back out."""
+"""The Hugging Face model, tokenizer and config a recipe names, and the layout of its weights."""
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PretrainedConfig
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
 from .config import Recipe
 
@@ -48,24 +47,32 @@ def load_tokenizer(recipe: Recipe):
 
 
 def build_model(recipe: Recipe, config: PretrainedConfig, dtype: torch.dtype) -> nn.Module:
-    """Pretrained weights from ``model.name_or_path``, or a random initialisation of ``config``."""
+    """The whole pretrained model of ``model.name_or_path``, loaded by transformers in this process: what ZeRO 0-2
+    replicate on every rank. FSDP2 and ZeRO-3 never build a whole model (see :mod:`launcher.weights`)."""
     m = recipe.model
-    _warn_remote_code(recipe, "model", m.name_or_path or config_source(recipe))
-    if m.name_or_path:
-        model = AutoModelForCausalLM.from_pretrained(
-            m.name_or_path,
-            config=config,
-            dtype=dtype,
-            attn_implementation=m.attn_implementation,
-            trust_remote_code=m.trust_remote_code,
-        )
-    else:
-        torch.manual_seed(recipe.train.seed)
-        model = AutoModelForCausalLM.from_config(
-            config, dtype=dtype, attn_implementation=m.attn_implementation, trust_remote_code=m.trust_remote_code
-        )
+    if not m.name_or_path:
+        raise ValueError("build_model loads pretrained weights: model.name_or_path is not set")
+    _warn_remote_code(recipe, "model", m.name_or_path)
+    model = AutoModelForCausalLM.from_pretrained(
+        m.name_or_path,
+        config=config,
+        dtype=dtype,
+        attn_implementation=m.attn_implementation,
+        trust_remote_code=m.trust_remote_code,
+    )
     model.config.use_cache = False
     return model
+
+
+def meta_model(recipe: Recipe, config: PretrainedConfig) -> nn.Module:
+    """The model of ``config`` on the meta device (no memory, no initialisation): the names, shapes and tied
+    weights a checkpoint is checked against, and the modules :func:`launcher.weights.init_tensors` materialises
+    one at a time."""
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(
+            config, dtype=torch.float32, attn_implementation=recipe.model.attn_implementation,
+            trust_remote_code=recipe.model.trust_remote_code,
+        )  # fmt: skip
 
 
 def decoder_layer_classes(model: nn.Module) -> tuple[type, ...]:
@@ -114,34 +121,43 @@ def param_counts(config: PretrainedConfig, trust_remote_code: bool = False) -> P
     return _COUNTS[key]
 
 
-def save_hf_model(
-    state_dict: dict[str, torch.Tensor],
-    config: PretrainedConfig,
-    tokenizer,
-    out_dir: Path,
-    dtype: torch.dtype,
-    max_shard_size: str = "5GB",
-) -> Path:
-    """A directory ``AutoModelForCausalLM.from_pretrained`` loads: sharded safetensors, config, tokenizer,
-    generation config. The state dict is attached to a meta-device model, so no second copy is made."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    config = config.__class__.from_dict(config.to_dict())
-    config.use_cache = True
+def weights_layout_model(config: PretrainedConfig, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The model ``config`` describes with transformers' defaults, on the meta device: the names, shapes and tied
+    weights an exported model stores, no memory."""
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
-    missing, unexpected = model.load_state_dict(state_dict, strict=False, assign=True)
-    tied = set(getattr(model, "_tied_weights_keys", None) or [])
-    missing = [k for k in missing if k not in tied]
-    if missing or unexpected:
-        raise RuntimeError(f"export: state dict does not match the model: missing {missing}, unexpected {unexpected}")
-    if config.tie_word_embeddings:
-        model.tie_weights()
-    model.save_pretrained(out_dir, max_shard_size=max_shard_size)
-    tokenizer.save_pretrained(out_dir)
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def tied_copies(model: nn.Module) -> set[str]:
+    """State-dict keys that are another key's weight under a second name (``lm_head.weight`` of a model with
+    tied embeddings): a saved model stores each shared weight once, under the name ``from_pretrained`` ties the
+    others to."""
+    declared = getattr(model, "all_tied_weights_keys", None) or getattr(model, "_tied_weights_keys", None) or []
+    declared = set(declared)
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    copies: set[str] = set()
+    for group in names.values():
+        if len(group) > 1:
+            keep = next((n for n in group if n not in declared), group[0])
+            copies.update(n for n in group if n != keep)
+    return copies
+
+
+def weight_units(model: nn.Module) -> list[list[str]]:
+    """The keys a saved model stores, in state-dict order, grouped into what is read or gathered at once: each
+    decoder layer's keys together, every other key on its own. Tied copies are left out."""
     try:
-        GenerationConfig.from_model_config(config).save_pretrained(out_dir)
-    except ValueError as e:
-        log.warning("export: no generation config written: %s", e)
-    return out_dir
+        classes = decoder_layer_classes(model)
+    except ValueError:
+        classes = ()  # no known decoder layers: every key is read on its own
+    prefixes = [f"{name}." for name, mod in model.named_modules() if classes and isinstance(mod, classes)]
+    copies = tied_copies(model)
+    units: dict[str, list[str]] = {}
+    for key in model.state_dict():
+        if key in copies:
+            continue
+        unit = next((p for p in prefixes if key.startswith(p)), key)
+        units.setdefault(unit, []).append(key)
+    return list(units.values())

@@ -53,9 +53,25 @@ def load_recipe(
         problems += check_model_paths(recipe)
         problems += check_sources(recipe.data.train + list(recipe.eval.sets.values()))
         problems += check_hub(recipe) if ask_hub else []
+        problems += check_resume(recipe)
     if problems:
         raise ConfigError(problems)
     return recipe
+
+
+def check_resume(r: Recipe) -> list[str]:
+    """The checkpoint the run would resume from (the newest complete one in output_dir) must have been written by
+    the recipe's engine: each engine reads only its own format. Another world size is fine: the engine reshards."""
+    if r.train.max_steps <= 0:
+        return []
+    from .checkpoint import engine_problem, newest_verified
+
+    try:
+        path = newest_verified(r.output_dir)
+        problem = engine_problem(path, r.parallel.engine) if path is not None else None
+    except (OSError, ValueError):
+        return []  # an unreadable checkpoint is skipped by the resume itself, with a warning
+    return [f"output_dir: {problem}"] if problem else []
 
 
 def check_model_paths(r: Recipe) -> list[str]:
@@ -70,7 +86,27 @@ def check_model_paths(r: Recipe) -> list[str]:
     source = m.name_or_path or m.from_config
     if not problems and source and not is_hub_id(source):
         problems += _check_model_config(r, Path(source))
+    if not problems and m.name_or_path and Path(m.name_or_path).is_dir():
+        problems += _check_weights(r, Path(m.name_or_path))
     return problems
+
+
+def _check_weights(r: Recipe, source: Path) -> list[str]:
+    """The checkpoint's safetensors against the model its config describes: every file the index lists is there,
+    every tensor the model needs is in a header, with the shape the config gives (headers only: no weights read).
+    ZeRO 0-2 load through transformers, which also reads PyTorch pickles: only the index is checked for them."""
+    from .model import load_config, meta_model
+    from .weights import WeightsError, check_weights, weight_files
+
+    try:
+        if not plan_for(r).loads_shards(r):
+            if (source / "model.safetensors.index.json").is_file():
+                weight_files(source)
+            return []
+        check_weights(source, meta_model(r, load_config(r)))
+    except WeightsError as e:
+        return [f"model.name_or_path: {e}"]
+    return []
 
 
 def _check_model_config(r: Recipe, source: Path) -> list[str]:

@@ -5,7 +5,8 @@ The stream never ends: when a pass ends, the next one follows (reshuffled when s
 plain JSON: per source, the pass over it (cycle), the position of the next document and the tokens drawn from it
 in the current pass; and, for each document cut by the end of a batch, where it comes from and how far it was cut.
 A restore re-reads (without tokenizing) at most one file per source up to the saved position, and re-tokenizes
-the cut documents.
+the cut documents. After a re-division (:mod:`launcher.data.reshard`) the state also holds, per source, the
+explicit list of spans the reader reads in its current pass over it, in place of its parts.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 
 from launcher.data.packing import Packer
 from launcher.data.readers import OpenedSource, Position, SourceReader
+from launcher.data.sharding import Span
 from launcher.data.sources import DataError
 from launcher.data.spec import StreamSpec
 
@@ -52,7 +54,7 @@ class Mixture:
         self.what = what
         total = sum(s.config.weight for s in sources)
         self.weights = [s.config.weight / total for s in sources]
-        self.budgets = None if spec.budgets is None else [max(1, math.ceil(b / num_readers)) for b in spec.budgets]
+        self.budgets = reader_budgets(spec.budgets, num_readers)
         """This reader's share of each source's budget."""
         self.pass_ = 0
         self.pass_tokens = 0
@@ -60,23 +62,37 @@ class Mixture:
         self.src = [SourceState() for _ in sources]
         self.packer = Packer(spec.eos_id, len(sources))
         self._iters: list[Iterator[tuple[Position, list[int]]] | None] = [None] * len(sources)
+        self._redivided = False
+        """The current pass began under another number of readers: its shares are what those had left of it."""
+        self._explicit: dict[str, dict[str, Any]] = {}
+        """The explicit lists of spans as the state holds them, by source (kept while the source reads its list)."""
 
     # -- state
 
     def state(self) -> dict[str, Any]:
-        return {
+        state = {
             "pass": self.pass_,
             "pass_tokens": self.pass_tokens,
             "batches": self.batches,
             "sources": [[s.cycle, s.part, s.doc, s.tokens, int(s.done)] for s in self.src],
             "pending": [[g.source, *g.position, g.start] for g in self.packer.pending],
         }
+        explicit = {k: e for k, e in self._explicit.items() if self.readers[int(k)].explicit is not None}
+        if explicit:
+            state["explicit"] = explicit
+        return state
 
     def restore(self, state: dict[str, Any]) -> None:
         self.pass_ = int(state["pass"])
         self.pass_tokens = int(state["pass_tokens"])
         self.batches = int(state["batches"])
         self.src = [SourceState(c, p, d, t, bool(done)) for c, p, d, t, done in state["sources"]]
+        explicit = state.get("explicit") or {}
+        for i, reader in enumerate(self.readers):
+            e = explicit.get(str(i))
+            reader.explicit = None if e is None else (int(e["cycle"]), [Span.from_list(x) for x in e["parts"]])
+        self._explicit = {k: {"cycle": e["cycle"], "parts": [list(x) for x in e["parts"]]} for k, e in explicit.items()}
+        self._redivided = bool(explicit)
         self.packer.clear()
         for source, cycle, part, doc, start in state["pending"]:
             first = next(self.readers[source].documents(cycle, part, doc, batch=1), None)
@@ -134,10 +150,15 @@ class Mixture:
         st = self.src[s]
         st.cycle, st.part, st.doc = st.cycle + 1, 0, 0
         self._iters[s] = None
+        explicit = self.readers[s].explicit
+        if explicit is not None and explicit[0] < st.cycle:
+            self.readers[s].explicit = None  # its spans are read: back to this reader's own parts
 
     def _cycle_ended(self, s: int) -> None:
         st = self.src[s]
-        if (st.part, st.doc) == (0, 0):
+        explicit = self.readers[s].explicit
+        # A share of another reader's leftovers may be empty; the reader's own share of a whole pass may not.
+        if (st.part, st.doc) == (0, 0) and (explicit is None or explicit[0] != st.cycle):
             src = self.sources[s]
             held = src.config.holdout_documents
             after = f" once its first {held} documents are held out for evaluation" if held else ""
@@ -171,7 +192,8 @@ class Mixture:
 
     def _end_pass(self, ran_out: int | None = None) -> None:
         spec = self.spec
-        if spec.stopping != "token_budget" and self.pass_tokens < spec.batch_tokens:
+        redivided, self._redivided = self._redivided, False
+        if spec.stopping != "token_budget" and self.pass_tokens < spec.batch_tokens and not redivided:
             why = f" (a pass ends when {self.sources[ran_out].config.path} runs out)" if ran_out is not None else ""
             raise DataError(
                 f"{self.what}, pass {self.pass_}: a full pass gives {self.pass_tokens} tokens{why}, fewer than one "
@@ -185,17 +207,42 @@ class Mixture:
             x.tokens, x.done = 0, False
 
 
+def reader_budgets(budgets: tuple[int, ...] | None, num_readers: int) -> list[int] | None:
+    """Each reader's share of each source's token budget (token_budget), or None."""
+    return None if budgets is None else [max(1, math.ceil(b / num_readers)) for b in budgets]
+
+
+def _ints(values: Any, n: int) -> bool:
+    return (
+        isinstance(values, list)
+        and len(values) == n
+        and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values)
+    )
+
+
 def valid_reader_state(state: Any, n_sources: int) -> bool:
     """Whether ``state`` has the shape :meth:`Mixture.state` gives (so :meth:`Mixture.restore` can take it)."""
     if not isinstance(state, dict):
         return False
     if not all(isinstance(state.get(k), int) for k in ("pass", "pass_tokens", "batches")):
         return False
-    sources, pending = state.get("sources"), state.get("pending")
-    return (
+    sources, pending, explicit = state.get("sources"), state.get("pending"), state.get("explicit", {})
+    if not (
         isinstance(sources, list)
         and len(sources) == n_sources
-        and all(isinstance(s, list) and len(s) == 5 for s in sources)
+        and all(_ints(s, 5) for s in sources)
         and isinstance(pending, list)
-        and all(isinstance(p, list) and len(p) == 5 and 0 <= p[0] < n_sources for p in pending)
-    )
+        and all(_ints(p, 5) and p[0] < n_sources for p in pending)
+        and isinstance(explicit, dict)
+    ):
+        return False
+    for key, e in explicit.items():
+        # A list of spans is kept only while its source is in that cycle.
+        if not (isinstance(key, str) and key.isascii() and key.isdigit() and int(key) < n_sources):
+            return False
+        if not isinstance(e, dict):
+            return False
+        spans = e.get("parts")
+        if e.get("cycle") != sources[int(key)][0] or not isinstance(spans, list) or not all(map(Span.valid, spans)):
+            return False
+    return True

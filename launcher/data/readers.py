@@ -4,6 +4,9 @@ A reader is one (rank, DataLoader worker). Each source is divided among the read
 (:func:`launcher.data.sharding.assign_parts`: whole files where there are enough, files shared document by
 document where not), so no document is read by two readers or tokenized twice. Everything here is a pure function
 of the seed, the source, the reader's index and the number of readers, so any position can be found again.
+
+After a resume on another number of readers, a reader's pass in progress is an explicit list of spans instead
+(:class:`launcher.data.sharding.Span`, see :mod:`launcher.data.reshard`): what the old readers had left of it.
 """
 
 from __future__ import annotations
@@ -11,13 +14,13 @@ from __future__ import annotations
 import random
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import count, islice
 from typing import Any
 
 from launcher.config import SourceConfig
 from launcher.data.packing import TOKENIZE_BATCH, tokenize
-from launcher.data.sharding import Part, assign_parts, rng_key, shard_order
+from launcher.data.sharding import Part, Span, assign_parts, rng_key, shard_order
 from launcher.data.sources import DataError, ResolvedSource, bad_text, check_text, open_source, resolve
 from launcher.data.spec import StreamSpec
 
@@ -39,16 +42,39 @@ class OpenedSource:
     num_shards: int
     held_out: tuple[int, ...] = ()
     """How many leading documents of each shard are held out for evaluation (shards past the end: none)."""
+    files: int = 0
+    """Shards before any split per row group (its files, or what ``datasets`` first divides it into)."""
+    others: dict[int, OpenedSource] = field(default_factory=dict)
+    """The same source divided into another number of shards, by that number: for the spans of a data position
+    saved by a run with another number of readers, which divided the source otherwise."""
+
+    def divided(self, shards: int) -> OpenedSource:
+        """This source as divided into ``shards`` shards (itself, or one of ``others``)."""
+        if shards == self.num_shards:
+            return self
+        if shards not in self.others:
+            raise DataError(f"{self.config.path}: it is not opened divided into {shards} shards")
+        return self.others[shards]
 
 
-def open_training_source(config: SourceConfig, num_readers: int) -> OpenedSource:
+def open_training_source(config: SourceConfig, num_readers: int, *, num_shards: int | None = None) -> OpenedSource:
+    """The source divided for ``num_readers`` readers: into its files, or, where there are fewer files than
+    readers, per Parquet row group. With ``num_shards``: divided into that many shards, one way or the other (a
+    DataError if neither gives that many: the source changed)."""
     resolved = resolve(config)
     ds = open_source(config)
-    if ds.num_shards < num_readers:
+    files = ds.num_shards
+    if (ds.num_shards < num_readers) if num_shards is None else (ds.num_shards != num_shards):
         # Parquet can be split per row group, so fewer readers have to share a file document by document.
         ds = ds.reshard()
+    if num_shards is not None and ds.num_shards != num_shards:
+        raise DataError(
+            f"{config.path}: the saved data position divides it into {num_shards} shards, but it now has {files} "
+            f"files and {ds.num_shards} shards split per row group; the data changed since the checkpoint was written"
+        )
     held = Counter(shard for shard, _ in held_out_documents(ds, config))
-    return OpenedSource(config, resolved, ds, ds.num_shards, tuple(held[i] for i in range(max(held, default=-1) + 1)))
+    held_out = tuple(held[i] for i in range(max(held, default=-1) + 1))
+    return OpenedSource(config, resolved, ds, ds.num_shards, held_out, files)
 
 
 def held_out_documents(ds: Any, config: SourceConfig) -> Iterator[tuple[int, Any]]:
@@ -96,11 +122,19 @@ class SourceReader:
         self.reader = reader
         self.num_readers = num_readers
         self.what = what
+        self.explicit: tuple[int, list[Span]] | None = None
+        """(cycle, spans): in that cycle, the reader reads these spans instead of its parts (after a re-division)."""
 
     def parts(self, cycle: int) -> list[Part]:
         n = self.source.num_shards
         order = shard_order(n, seed=self.seed, source=self.index, cycle=cycle, shuffle=self.window > 0)
         return assign_parts(n, self.num_readers, self.reader, order)
+
+    def spans(self, cycle: int) -> list[Span]:
+        """What the reader reads in ``cycle``, in order: its explicit spans, or each of its parts whole."""
+        if self.explicit is not None and self.explicit[0] == cycle:
+            return self.explicit[1]
+        return [Span(cycle, self.source.num_shards, part) for part in self.parts(cycle)]
 
     def documents(
         self, cycle: int, part: int = 0, doc: int = 0, *, batch: int = TOKENIZE_BATCH
@@ -110,13 +144,24 @@ class SourceReader:
         return tokenize(self._texts(cycle, part, doc), self.tokenizer, batch_size=batch)
 
     def _texts(self, cycle: int, part: int, doc: int) -> Iterator[tuple[Position, str]]:
-        parts = self.parts(cycle)
-        for p in range(part, len(parts)):
-            for d, text in self._part_texts(cycle, parts[p], doc if p == part else 0):
+        spans = self.spans(cycle)
+        for p in range(part, len(spans)):
+            for d, text in self._span_texts(spans[p], doc if p == part else 0):
                 yield (cycle, p, d), text
 
-    def _part_texts(self, cycle: int, part: Part, start: int) -> Iterator[tuple[int, str]]:
-        raw = self._raw(part)
+    def _span_texts(self, span: Span, start: int) -> Iterator[tuple[int, str]]:
+        """(document number in the part's reading order, text) of the span from document ``start`` on."""
+        start = max(start, span.start)
+        if span.stop >= 0:
+            if start >= span.stop:
+                return
+            yield from islice(self._part_texts(span, start), span.stop - start)
+        else:
+            yield from self._part_texts(span, start)
+
+    def _part_texts(self, span: Span, start: int) -> Iterator[tuple[int, str]]:
+        part = span.part
+        raw = self._raw(part, span.shards)
         if not self.window:
             yield from zip(count(start), islice(raw, start, None))
             return
@@ -127,15 +172,17 @@ class SourceReader:
             if not block:
                 return
             order = list(range(len(block)))
-            random.Random(rng_key("window", self.seed, self.index, cycle, part.shard, part.offset, w)).shuffle(order)
+            key = rng_key("window", self.seed, self.index, span.cycle, part.shard, part.offset, w)
+            random.Random(key).shuffle(order)
             base = w * self.window
             for i in range(max(0, start - base), len(block)):
                 yield base + i, block[order[i]]
 
-    def _raw(self, part: Part) -> Iterator[str]:
-        """The part's documents in the shard's order, checked to be text. Held-out documents are blank: training
-        skips them as it skips every blank document, and every other document keeps its position."""
-        src = self.source
+    def _raw(self, part: Part, shards: int) -> Iterator[str]:
+        """The part's documents in the shard's order (of the source divided into ``shards`` shards), checked to be
+        text. Held-out documents are blank: training skips them as it skips every blank document, and every other
+        document keeps its position."""
+        src = self.source.divided(shards)
         ds = src.dataset.shard(num_shards=src.num_shards, index=part.shard)
         held = src.held_out[part.shard] if part.shard < len(src.held_out) else 0
         seen = 0

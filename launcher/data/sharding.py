@@ -60,3 +60,45 @@ def rng_key(*parts: object) -> str:
     """A seed for ``random.Random``: strings are hashed with SHA-512, so the same parts give the same stream in
     every process, whatever PYTHONHASHSEED is."""
     return "cpt/" + "/".join(map(str, parts))
+
+
+@dataclass(frozen=True)
+class Span:
+    """Documents ``start`` up to ``stop`` (exclusive; -1: to the end) of one part, counted in the reading order the
+    part has in pass ``cycle`` over its source while the source is divided into ``shards`` shards.
+
+    A span names its documents without naming a reader: every process reads the same documents from it, in the
+    same order (the shuffle of a part depends on the seed, the source, the cycle and the part, never on who reads
+    it). That is what lets a data position be divided anew among another number of readers.
+    """
+
+    cycle: int
+    shards: int
+    part: Part
+    start: int = 0
+    stop: int = -1
+
+    def to_list(self) -> list[int]:
+        """``[cycle, shards, shard, stride, offset, start, stop]``: the span as plain JSON."""
+        return [self.cycle, self.shards, self.part.shard, self.part.stride, self.part.offset, self.start, self.stop]
+
+    @classmethod
+    def from_list(cls, values: Sequence[int]) -> Span:
+        cycle, shards, shard, stride, offset, start, stop = (int(v) for v in values)
+        return cls(cycle, shards, Part(shard, stride, offset), start, stop)
+
+    @staticmethod
+    def valid(values: object) -> bool:
+        """Whether ``values`` is what :meth:`to_list` gives."""
+        if not isinstance(values, list) or len(values) != 7:
+            return False
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            return False
+        cycle, shards, shard, stride, offset, start, stop = values
+        return (
+            cycle >= 0 and 0 <= shard < shards and 0 <= offset < stride and start >= 0 and (stop == -1 or stop >= start)
+        )
+
+    def holds(self, doc: int) -> bool:
+        """Whether document ``doc`` of the part (in its reading order) is in the span."""
+        return doc >= self.start and (self.stop < 0 or doc < self.stop)

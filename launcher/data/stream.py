@@ -29,13 +29,24 @@ from launcher.config import DataConfig, SourceConfig, source_labels
 from launcher.data.mixture import Mixture, valid_reader_state
 from launcher.data.packing import document_position_ids, eos_id_of
 from launcher.data.readers import OpenedSource, open_training_source
+from launcher.data.reshard import (
+    merged_hash,
+    merged_source_tokens,
+    old_divisions,
+    old_readers,
+    open_divisions,
+    redivide,
+)
 from launcher.data.sources import DataError, describe_failure
 from launcher.data.spec import StreamSpec, budgets_of
 
 logger = logging.getLogger(__name__)
 
-STATE_VERSION = 2
-"""Of the format of ``TrainStream.state_dict`` and of the reader states in it."""
+STATE_VERSION = 3
+"""Of the format of ``TrainStream.state_dict`` and of the reader states in it. Version 3 added the explicit lists
+of spans of a re-divided position; a version 2 state is a version 3 state without them."""
+
+READABLE_VERSIONS = (2, 3)
 
 PREEMPTION_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
 """Signals DataLoader workers ignore: the trainer acts on them. A worker still stops when its trainer does."""
@@ -184,7 +195,9 @@ class TrainStream:
 
     Deterministic given the sources, seed, world size, num_workers, seq_len, micro_batch_size, shuffle_buffer
     and stopping rule. ``state_dict``/``load_state_dict`` resume exactly: after loading, iteration yields the
-    batches an uninterrupted run would have yielded next. Each ``iter()`` continues from the current position.
+    batches an uninterrupted run would have yielded next. Given the states of every rank, ``load_state_dict``
+    also carries a position over exactly to another world size or num_workers (:mod:`launcher.data.reshard`).
+    Each ``iter()`` continues from the current position.
     ``gather_metrics`` reports the mixture actually consumed, in tokens, and a running hash of the consumed token
     ids.
     """
@@ -373,21 +386,32 @@ class TrainStream:
             "layout": self._layout(),
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any], all_ranks: list[dict[str, Any]] | None = None) -> None:
         """Continue from ``state``: the next iteration yields exactly what the saved run would have yielded next.
 
-        If the layout changed (world size, workers, seed, seq_len, micro-batch, shuffle buffer, stopping rule,
-        sources and their holdouts), the saved order cannot be reproduced: the stream skips as many micro-batches
-        as were consumed, and warns. A state saved by another rank of the same layout (or by an older version) is
-        still exact, only slower to reach: the batches before it are produced again and dropped.
+        ``all_ranks``, the saved states of every rank of the saved run (``all_ranks[rank]``, for the old ranks),
+        also carries the position over exactly to another world size or number of DataLoader workers: what the
+        old readers had left is divided among the new ones (:mod:`launcher.data.reshard`). No document is then
+        read twice or skipped, and a document cut by the end of a batch continues at the token where it was cut;
+        the counters that steer the mixture and end passes carry over approximately. The tokens consumed per
+        source are summed into rank 0's, so that the totals of ``gather_metrics`` stay right; the running hash of
+        every rank continues from a digest of the old ranks' hashes (it still fingerprints the data consumed, but
+        no longer matches a run that kept its layout). With the layout unchanged, ``all_ranks[rank]`` is loaded.
+
+        If anything else of the layout changed (seed, seq_len, micro-batch, shuffle buffer, stopping rule, sources
+        and their holdouts), or the world size or workers changed and ``all_ranks`` is missing (or not every old
+        rank's exact state), the saved order cannot be reproduced: the stream skips as many micro-batches as were
+        consumed, and warns. A state saved by another rank of the same layout (or by an older version) is still
+        exact, only slower to reach: the batches before it are produced again and dropped.
         """
         if not isinstance(state, dict) or not isinstance(state.get("batches"), int) or state["batches"] < 0:
             raise ValueError(f"not a TrainStream state: {state!r}")
         self._close_active()
+        if all_ranks is not None and self._load_all(all_ranks):
+            return
         saved = state.get("layout") or {}
         mine = self._layout()
-        changed = [k for k in mine if k not in ("rank", "stopping", "budgets") and saved.get(k) != mine[k]]
-        changed += [k for k in ("stopping", "budgets") if saved.get(k, mine[k]) != mine[k]]
+        changed = self._changes(saved)
         if changed:
             logger.warning(
                 "data layout changed since the saved state (%s); skipping %d micro-batches of the new layout, "
@@ -395,7 +419,7 @@ class TrainStream:
                 ", ".join(f"{k}: {saved.get(k)!r} -> {mine[k]!r}" for k in changed),
                 state["batches"],
             )
-        elif state.get("version") != STATE_VERSION and state["batches"]:
+        elif state.get("version") not in READABLE_VERSIONS and state["batches"]:
             logger.warning(
                 "the data position was saved by another version of the data pipeline (%s, this is %s); skipping %d "
                 "micro-batches, which is not the saved data order",
@@ -406,7 +430,7 @@ class TrainStream:
         workers = state.get("workers")
         exact = (
             not changed
-            and state.get("version") == STATE_VERSION
+            and state.get("version") in READABLE_VERSIONS
             and saved.get("rank") == self.spec.rank
             and isinstance(workers, list)
             and len(workers) == self._slots
@@ -415,9 +439,48 @@ class TrainStream:
         self._batches = state["batches"]
         self._states = [dict(w) if w is not None else None for w in workers] if exact else [None] * self._slots  # type: ignore[union-attr]
         self._replay = not exact and self._batches > 0
+        open_divisions(self._sources, self._states)
         tokens = state.get("source_tokens")
         same_sources = saved.get("sources") == mine["sources"]
         ok = same_sources and isinstance(tokens, list) and len(tokens) == len(self.sources)
         self._source_tokens = [int(n) for n in tokens] if ok else [0] * len(self.sources)  # type: ignore[union-attr]
         digest = state.get("hash")
         self._hash = digest if isinstance(digest, str) and len(digest) == 16 else "00" * 8
+
+    def _changes(self, saved: dict[str, Any]) -> list[str]:
+        """What of this stream's layout differs from the saved one (the rank aside)."""
+        mine = self._layout()
+        changed = [k for k in mine if k not in ("rank", "stopping", "budgets") and saved.get(k) != mine[k]]
+        return changed + [k for k in ("stopping", "budgets") if saved.get(k, mine[k]) != mine[k]]
+
+    def _load_all(self, all_ranks: list[dict[str, Any]]) -> bool:
+        """Load the position of every old rank: this rank's exactly, or re-divided among this layout's readers.
+        False where neither can be done exactly."""
+        readers = old_readers(all_ranks, len(self.sources), READABLE_VERSIONS)
+        if readers is None:
+            return False
+        saved = all_ranks[0]["layout"]
+        changed = self._changes(saved)
+        if not changed:
+            self.load_state_dict(all_ranks[self.spec.rank])
+            return True
+        if not set(changed) <= {"world_size", "num_workers"}:
+            return False
+        spec, slots = self.spec, self._slots
+        count = spec.world_size * slots
+        shards = old_divisions(self._sources, len(readers), count)
+        mine: list[dict[str, Any] | None] = list(redivide(readers, count, shards=shards, spec=spec))
+        self._states = mine[spec.rank * slots : (spec.rank + 1) * slots]
+        open_divisions(self._sources, self._states)
+        self._replay = False
+        # About this rank's share of the batches consumed, and worker 0's turn next, as it is for fresh states.
+        self._batches = sum(s["batches"] for s in all_ranks) // spec.world_size // slots * slots
+        tokens = merged_source_tokens(all_ranks, len(self.sources))
+        self._source_tokens = tokens if spec.rank == 0 else [0] * len(self.sources)
+        self._hash = merged_hash(all_ranks)
+        logger.info(
+            "data position re-divided from %d old readers (%d ranks x %d workers) to %d new readers (%d ranks x %d "
+            "workers): no document is read twice or skipped",
+            len(readers), saved["world_size"], saved["num_workers"], count, spec.world_size, slots,
+        )  # fmt: skip
+        return True

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -126,5 +127,7 @@ class Engine(ABC):
     def load(self, path: Path) -> None: ...
 
     @abstractmethod
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """The consolidated weights on CPU on rank 0 (empty on other ranks). Collective."""
+    def export_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """The consolidated weights as ``(state-dict key, CPU tensor)`` pairs, gathered one decoder layer (or one
+        tensor) at a time, so no rank holds more than that beyond its own shard. Collective: every rank iterates it
+        to the end, in step; only rank 0 gets tensors, the other ranks' iterators yield nothing."""

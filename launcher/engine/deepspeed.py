@@ -7,23 +7,29 @@ import math
 import os
 import re
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import deepspeed
 import torch
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 from deepspeed.utils import set_z3_leaf_modules
+from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
-from transformers import PretrainedConfig
+from transformers import AutoModelForCausalLM, PretrainedConfig
+from transformers.initialization import no_init_weights
 from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
 
 from ..config import BatchLayout, Recipe
 from ..files import torch_save
 from ..launch import DistInfo
-from ..model import build_model, decoder_layer_classes, param_counts
+from ..metrics import host_memory_gib
+from ..model import build_model, decoder_layer_classes, meta_model, param_counts
 from ..redact import redact_values
+from ..weights import LazyWeights, WeightsError, check_weights, init_tensors, local_model_dir
 from .base import Batch, Engine, forward_loss, lr_lambda
 from .deepspeed_plan import fill_auto, weights_only_loading
+from .deepspeed_universal import ensure_universal, saved_world_size, universal_loading
 from .options import apply_training_options
 
 log = logging.getLogger(__name__)
@@ -70,16 +76,25 @@ class DeepSpeedEngine(Engine):
         # build: any later model construction (the export, on rank 0 alone) would become a collective and hang.
         hf_ds = HfDeepSpeedConfig(self.ds_config) if self.stage == 3 else None
         source = recipe.model.name_or_path
-        log.info(
-            "ZeRO stage %d: %s", self.stage, f"loading the weights of {source}" if source else "initialising the model"
-        )
+        what = "every rank reads its partition of" if self.stage == 3 else "loading the weights of"
+        log.info("ZeRO stage %d: %s", self.stage, f"{what} {source}" if source else "initialising the model")
         start = time.perf_counter()
         try:
-            model = build_model(recipe, config, self.dtype)
+            model = _build(recipe, config, self.dtype, self.stage)
         finally:
             del hf_ds
             unset_hf_deepspeed_config()
         log.info("model built in %.1f s", time.perf_counter() - start)
+        if self.stage == 3 or not source:
+            start = time.perf_counter()
+            if source:
+                read = _load_partitions(model, local_model_dir(source), meta_model(recipe, config))
+                took = time.perf_counter() - start
+                log.info("weights loaded in %.1f s (%.2f GB read by this rank); host memory %.2f GiB (peak %.2f "
+                         "GiB)", took, read / 1e9, *host_memory_gib())  # fmt: skip
+            else:
+                _init_partitions(model, meta_model(recipe, config), recipe.train.seed, info.device)
+                log.info("model initialised in %.1f s (seed %d)", time.perf_counter() - start, recipe.train.seed)
         # DeepCompile ("compile": {"deepcompile": true} in the DeepSpeed config) compiles the whole model with
         # ZeRO's gathers scheduled inside the graph; otherwise train.compile compiles each decoder layer.
         deepcompile = bool((self.ds_config.get("compile") or {}).get("deepcompile"))
@@ -100,7 +115,8 @@ class DeepSpeedEngine(Engine):
             lr_scheduler=lambda opt: LambdaLR(opt, lr_lambda(recipe)),
             dist_init_required=False,
         )
-        log.info("DeepSpeed engine initialised in %.1f s", time.perf_counter() - start)
+        log.info("DeepSpeed engine initialised in %.1f s; host memory %.2f GiB (peak %.2f GiB)",
+                 time.perf_counter() - start, *host_memory_gib())  # fmt: skip
         if deepcompile and recipe.train.compile:
             _plain_arch_list()
             start = time.perf_counter()
@@ -145,20 +161,38 @@ class DeepSpeedEngine(Engine):
             self.ds.config = config
 
     def load(self, path: Path) -> None:
-        load_path, _ = self.ds.load_checkpoint(
-            str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=True
-        )
+        """Model, optimizer and scheduler from ``path``. A ZeRO checkpoint written by another number of ranks is
+        loaded through its universal form (:mod:`launcher.engine.deepspeed_universal`): DeepSpeed re-partitions
+        the fp32 weights and Adam states for this world size."""
+        saved = saved_world_size(path)
+        if saved in (None, self.info.world_size):
+            load_path, _ = self.ds.load_checkpoint(
+                str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=True
+            )
+        else:
+            source = ensure_universal(path, self.info.rank, self.recipe.parallel.timeout_minutes)
+            log.info("ZeRO stage %d: re-partitioning the fp32 weights and Adam states of %d ranks over %d from %s",
+                     self.stage, saved, self.info.world_size, source)  # fmt: skip
+            start = time.perf_counter()
+            with universal_loading(self.ds):
+                load_path, _ = self.ds.load_checkpoint(
+                    str(source.parent), tag=source.name, load_optimizer_states=True, load_lr_scheduler_states=True
+                )
+            log.info("universal checkpoint loaded in %.1f s", time.perf_counter() - start)
         if load_path is None:
             raise RuntimeError(f"DeepSpeed found no checkpoint in {path}")
 
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
+    def export_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         model = self.ds.module
         if self.stage != 3:
-            return {k: v.detach().cpu() for k, v in model.state_dict().items()} if self.info.rank == 0 else {}
+            # ZeRO 0-2: every rank holds the whole module; rank 0 copies one tensor at a time to the CPU.
+            if self.info.rank == 0:
+                for key, value in model.state_dict().items():
+                    yield key, value.detach().to("cpu")
+            return
         # ZeRO-3: gather one decoder layer (or one other module's own parameters) at a time, so no rank ever
-        # holds more than one layer beyond its partition; rank 0 keeps a CPU copy of each.
+        # holds more than one layer beyond its partition; rank 0 keeps a CPU copy of it until it is yielded.
         keys = set(model.state_dict())
-        out: dict[str, torch.Tensor] = {}
         layer_classes = decoder_layer_classes(model)
         inside_layer: set[str] = set()
         for name, module in model.named_modules():
@@ -168,16 +202,76 @@ class DeepSpeedEngine(Engine):
             if whole:
                 inside_layer.add(name)
             params = dict(module.named_parameters(recurse=whole))
-            if not params:
-                continue
             prefix = f"{name}." if name else ""
-            with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=None):
-                if self.info.rank == 0:
-                    for key, p in params.items():
-                        if prefix + key in keys:
-                            out[prefix + key] = p.detach().to("cpu", copy=True)
+            unit: list[tuple[str, torch.Tensor]] = []
+            if params:
+                with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=None):
+                    if self.info.rank == 0:
+                        unit += [(prefix + k, p.detach().to("cpu", copy=True)) for k, p in params.items()
+                                 if prefix + k in keys]  # fmt: skip
             if self.info.rank == 0:
-                for key, b in module.named_buffers(recurse=whole):
-                    if prefix + key in keys:
-                        out[prefix + key] = b.detach().to("cpu", copy=True)
-        return out
+                unit += [(prefix + k, b.detach().to("cpu", copy=True)) for k, b in module.named_buffers(recurse=whole)
+                         if prefix + k in keys]  # fmt: skip
+            yield from unit
+            del unit
+
+
+def _build(recipe: Recipe, config: PretrainedConfig, dtype: torch.dtype, stage: int) -> nn.Module:
+    """The model, under ZeRO-3 partitioned as it is built (``deepspeed.zero.Init`` through the Hugging Face
+    config that is live) and without weights: :func:`_load_partitions` or :func:`_init_partitions` fill them.
+    ZeRO 0-2 keep a whole model on every rank by design: pretrained weights come through transformers; a random
+    one is built without initialisation and filled by :func:`_init_partitions`, as under ZeRO-3 and FSDP2."""
+    m = recipe.model
+    if stage != 3 and m.name_or_path:
+        return build_model(recipe, config, dtype)
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=dtype, attn_implementation=m.attn_implementation, trust_remote_code=m.trust_remote_code
+        )
+    model.config.use_cache = False
+    return model
+
+
+def _partition(p: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """(this rank's storage of parameter ``p``, first element it holds of the flattened parameter, how many).
+    Under ZeRO-3 a parameter's flattened elements are split into equal runs, one per rank of its group, the last
+    padded; otherwise the rank holds all of it."""
+    part = getattr(p, "ds_tensor", None)
+    if part is None:
+        return p.data.view(-1), 0, p.numel()
+    size = part.ds_numel
+    start = size * torch.distributed.get_rank(group=p.ds_process_group)
+    return part.data.view(-1), start, max(0, min(size, int(p.ds_numel) - start))
+
+
+def _load_partitions(model: nn.Module, model_dir: Path, meta: nn.Module) -> int:
+    """Each rank copies its partition of every parameter straight from the checkpoint's safetensors (the rows that
+    cover it), converted to the model's dtype; no collective, no whole tensor. One file is open (memory-mapped) at
+    a time, so the pages read stay within one shard file. Returns the bytes read."""
+    headers = check_weights(model_dir, meta)
+    by_file: dict[Path, list[tuple[str, torch.Tensor]]] = {}
+    for name, param in model.named_parameters():
+        by_file.setdefault(headers[name].file, []).append((name, param))
+    read = 0
+    with torch.no_grad():
+        for file in sorted(by_file):
+            with LazyWeights(headers) as weights:
+                for name, tensor in by_file[file]:
+                    mine, start, n = _partition(tensor)
+                    if n:
+                        values = weights.read_flat(name, start, start + n)
+                        mine[:n].copy_(values)
+                        read += values.numel() * values.element_size()
+    return read
+
+
+def _init_partitions(model: nn.Module, meta: nn.Module, seed: int, device: torch.device) -> None:
+    """Each rank copies its partition of each parameter's initial value (:func:`launcher.weights.init_tensors`,
+    one module at a time, the same on every rank, world size and engine)."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, full in init_tensors(meta, seed, device, wanted=set(params)):
+            mine, start, n = _partition(params.pop(name))
+            mine[:n].copy_(full.reshape(-1)[start : start + n])
+    if params:
+        raise WeightsError(f"no initial value for {', '.join(sorted(params)[:5])}")

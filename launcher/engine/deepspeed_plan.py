@@ -1,12 +1,10 @@
 """DeepSpeed ZeRO 0-3: what its JSON config must hold, how ``"auto"`` values are filled from the recipe, the memory
-its model states take, how its checkpoints are read safely and consolidated for export."""
+its model states take, and how its checkpoints are read for export (:mod:`launcher.engine.deepspeed_checkpoint`)."""
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,12 +12,13 @@ from typing import Any
 import torch
 
 from ..config import BatchLayout, Recipe
+from .deepspeed_checkpoint import weights_only_loading, zero_checkpoint_tensors  # noqa: F401 (the engine loads with it)
 from .plan import RECOMPILE_LIMIT, EnginePlan
 
 log = logging.getLogger(__name__)
 
 REDUCE_BUCKET = 500_000_000
-"""DeepSpeed's default reduce_bucket_size, what ``"auto"`` fills in (never more than the model)."""
+"""DeepSpeed's default reduce_bucket_size, what ``"auto"`` fills in (never more than a rank's share of the model)."""
 
 
 def zero_section(recipe: Recipe) -> dict[str, Any]:
@@ -34,6 +33,11 @@ def zero_stage(recipe: Recipe) -> int:
 class DeepSpeedPlan(EnginePlan):
     name = "deepspeed"
     default_config = "zero3.json"
+
+    @classmethod
+    def loads_shards(cls, recipe: Recipe) -> bool:
+        """ZeRO-3 partitions the model as it is built; ZeRO 0-2 keep a whole model on every rank by design."""
+        return zero_stage(recipe) == 3
 
     @classmethod
     def check(cls, recipe: Recipe, world_size: int | None = None) -> list[str]:
@@ -97,6 +101,19 @@ class DeepSpeedPlan(EnginePlan):
         return range(layers)
 
     @classmethod
+    def host_state_bytes(cls, recipe: Recipe, n_params: int, world: int) -> dict[str, float]:
+        """Offloaded optimizer: fp32 master weights, Adam's two moments and the fp32 gradients DeepSpeed's CPU
+        Adam reads, each a partition under ZeRO 1-3; offloaded ZeRO-3 parameters: their bf16 partitions."""
+        stage, zero = zero_stage(recipe), zero_section(recipe)
+        share = world if stage >= 1 else 1
+        parts: dict[str, float] = {}
+        if cls.offloaded(recipe):
+            parts["offloaded master+adam+grads"] = 16 * n_params / share
+        if stage == 3 and (zero.get("offload_param") or {}).get("device", "none") not in ("none", None):
+            parts["offloaded params"] = 2 * n_params / world
+        return parts
+
+    @classmethod
     def model_state_bytes(
         cls, recipe: Recipe, n_params: int, layer_params: int, layers: int, world: int, low: int
     ) -> dict[str, float]:
@@ -119,7 +136,7 @@ class DeepSpeedPlan(EnginePlan):
             live = zero.get("stage3_max_live_parameters", 1e9)
             live = float(live) if isinstance(live, (int, float)) else 1e9
             bucket = zero.get("reduce_bucket_size")
-            bucket = float(bucket) if isinstance(bucket, (int, float)) else min(REDUCE_BUCKET, n)
+            bucket = float(bucket) if isinstance(bucket, (int, float)) else min(REDUCE_BUCKET, n / world)
             # the gradient bucket stays allocated between steps (+0.92 GiB measured for +496M elements)
             parts["gathered params"] = low * min(n, live + layer_params) + low * bucket
         else:
@@ -127,38 +144,10 @@ class DeepSpeedPlan(EnginePlan):
         return {"params+grads+adam": params + grads + master_and_adam, **parts}
 
     @classmethod
-    def export_state_dict(cls, checkpoint: Path, model_config: Any) -> dict[str, torch.Tensor]:
-        if not any(checkpoint.glob("*optim_states.pt")):
-            # ZeRO-0 without a DeepSpeed optimizer wrapper: the module's weights are whole in the model-states file.
-            states = torch.load(checkpoint / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
-            return states["module"]
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    def export_tensors(cls, checkpoint: Path, model_config: Any) -> Iterator[tuple[str, torch.Tensor]]:
+        from ..model import weight_units, weights_layout_model
 
-        with weights_only_loading():
-            return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
-
-
-@contextlib.contextmanager
-def weights_only_loading() -> Iterator[None]:
-    """DeepSpeed's checkpoint loads inside read tensors and plain data only, plus the few DeepSpeed value types its
-    checkpoints hold: nothing else in a checkpoint is unpickled, so a tampered checkpoint cannot run code.
-    DeepSpeed calls ``torch.load(weights_only=False)``; torch's ``TORCH_FORCE_WEIGHTS_ONLY_LOAD`` overrides that
-    for every load while it is set, and ``safe_globals`` allows DeepSpeed's types."""
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    key = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
-    before = os.environ.get(key)
-    os.environ[key] = "1"
-    try:
-        with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
-            yield
-    finally:
-        if before is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = before
+        yield from zero_checkpoint_tensors(checkpoint, weight_units(weights_layout_model(model_config)))
 
 
 def fill_auto(
@@ -199,7 +188,8 @@ def fill_auto(
     # faster on 2x H200 (55,805 against 49,235 tokens/s/GPU, +0.9 GiB; benchmarks/results/
     # 2026-11-28-speed-zero3-NVIDIA-H200.json).
     sizes = {
-        "reduce_bucket_size": min(REDUCE_BUCKET, n_params),  # allocated whole: no bigger than the model
+        # allocated whole on every rank: no bigger than the rank's share of the model
+        "reduce_bucket_size": min(REDUCE_BUCKET, -(-n_params // layout.world_size)),
         "stage3_prefetch_bucket_size": 2 * layer_params,
         "stage3_param_persistence_threshold": 10 * hidden,
     }

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
 
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from accelerate import init_empty_weights
 from torch import nn
+from torch.distributed.checkpoint import DefaultLoadPlanner, HuggingFaceStorageReader
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -22,14 +24,15 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from ..config import BatchLayout, Recipe
 from ..files import torch_save
 from ..launch import DistInfo
-from ..model import build_model, decoder_layers
+from ..model import decoder_layers, meta_model
+from ..weights import WeightsError, check_weights, init_tensors, local_model_dir
 from .base import Batch, Engine, forward_loss, lr_lambda
 from .options import apply_training_options
 
@@ -61,13 +64,9 @@ class FsdpEngine(Engine):
         if offload:
             kwargs["offload_policy"] = CPUOffloadPolicy()
 
-        # Rank 0 reads the weights once; every other rank builds the model on the meta device and receives its
-        # shards by broadcast, so host memory holds one full copy per node, not one per rank.
-        source = recipe.model.name_or_path
-        log.info("FSDP2: %s on rank 0", f"loading the weights of {source}" if source else "initialising the model")
-        start = time.perf_counter()
-        full = build_model(recipe, config, torch.float32) if info.rank == 0 else None
-        log.info("model built in %.1f s; sharding it over %d ranks", time.perf_counter() - start, info.world_size)
+        # Every rank builds the model on the meta device, shards it, and fills only its own shards: from the
+        # checkpoint's safetensors (each rank reads its slices), or from the per-module initialisation. No rank
+        # ever holds the whole model.
         start = time.perf_counter()
         with init_empty_weights(include_buffers=False):
             model = AutoModelForCausalLM.from_config(
@@ -91,15 +90,20 @@ class FsdpEngine(Engine):
         with torch.no_grad():
             for name, value in buffers.items():
                 model.get_buffer(name).copy_(value)
-        set_model_state_dict(
-            model,
-            full.state_dict() if full is not None else {},
-            options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False),
-        )
-        del full
-        log.info("model sharded in %.1f s", time.perf_counter() - start)
         if config.tie_word_embeddings:
             model.tie_weights()
+        log.info("model built on the meta device and sharded over %d ranks in %.1f s", info.world_size,
+                 time.perf_counter() - start)  # fmt: skip
+        start = time.perf_counter()
+        source = recipe.model.name_or_path
+        if source:
+            log.info("FSDP2: every rank reads its shards of %s", source)
+            read = _load_shards(model, local_model_dir(source), meta_model(recipe, config))
+            log.info("weights loaded in %.1f s (%.2f GB read by this rank)", time.perf_counter() - start, read / 1e9)
+        else:
+            log.info("FSDP2: every rank initialises its shards (seed %d)", recipe.train.seed)
+            _init_shards(model, meta_model(recipe, config), recipe.train.seed, info.device)
+            log.info("model initialised in %.1f s", time.perf_counter() - start)
         self.model = model
         t = recipe.train
         self.optimizer = torch.optim.AdamW(
@@ -144,12 +148,71 @@ class FsdpEngine(Engine):
             torch_save(self.scheduler.state_dict(), path / "scheduler.pt")
 
     def load(self, path: Path) -> None:
+        """Model, optimizer and scheduler from ``path``, saved on any world size: torch.distributed.checkpoint gives
+        each rank's shards of the parameters and of the optimizer states (Adam's moments and step) the slices of
+        the saved shards that overlap them."""
+        saved = {m.group(1) for f in path.glob("__*.distcp") if (m := re.match(r"__(\d+)_", f.name))}
+        if len(saved) != self.info.world_size:
+            log.info("FSDP2: torch.distributed.checkpoint reshards the parameters and optimizer states of %d ranks "
+                     "over %d", len(saved), self.info.world_size)  # fmt: skip
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
         dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
         set_state_dict(self.model, self.optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
         self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
 
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        sd = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        dist.barrier()
-        return {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)} if self.info.rank == 0 else {}
+    def export_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        # The sharded state dict (names as the model's own state dict has them, nothing gathered yet); each DTensor
+        # is then all-gathered on its own, so every rank holds one whole tensor at most beyond its shards.
+        for key, value in get_model_state_dict(self.model).items():
+            if not isinstance(value, torch.Tensor):
+                continue
+            if isinstance(value, DTensor):
+                mesh_device = value.device_mesh.device_type
+                if value.device.type != mesh_device:
+                    value = cast(DTensor, value.to(mesh_device))  # offloaded shards gather on the GPU
+                value = value.full_tensor()
+            if self.info.rank == 0:
+                yield key, value.detach().to("cpu")
+            del value
+
+
+def _load_shards(model: nn.Module, model_dir: Path, meta: nn.Module) -> int:
+    """Fill the sharded ``model`` from the Hugging Face safetensors in ``model_dir`` through
+    torch.distributed.checkpoint's reader: every rank reads only the slices of its own shards, converted to the
+    parameters' dtype slice by slice. Returns the bytes this rank's shards hold in the checkpoint."""
+    headers = check_weights(model_dir, meta)
+    state = {k: v for k, v in get_model_state_dict(model).items() if k in headers}
+    dcp.load(
+        state,
+        storage_reader=HuggingFaceStorageReader(str(model_dir)),
+        planner=DefaultLoadPlanner(allow_partial_load=True),
+    )
+    set_model_state_dict(model, state, options=StateDictOptions(strict=False))
+    read = 0
+    for key, value in state.items():
+        local = value.to_local() if isinstance(value, DTensor) else value
+        if isinstance(local, torch.Tensor):
+            read += local.numel() * _element_size(headers[key].dtype)
+    return read
+
+
+def _element_size(safetensors_dtype: str) -> int:
+    return {"F64": 8, "F32": 4, "I64": 8, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}.get(
+        safetensors_dtype, 4
+    )
+
+
+def _init_shards(model: nn.Module, meta: nn.Module, seed: int, device: torch.device) -> None:
+    """Each rank fills its own shards of every parameter from :func:`launcher.weights.init_tensors` (the full
+    value of one module at a time, the same on every rank and world size)."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, full in init_tensors(meta, seed, device, wanted=set(params)):
+            p = params.pop(name)
+            if isinstance(p, DTensor):
+                mine = distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None).to_local()
+                p.to_local().copy_(mine)
+            else:
+                p.copy_(full)
+    if params:
+        raise WeightsError(f"no initial value for {', '.join(sorted(params)[:5])}")

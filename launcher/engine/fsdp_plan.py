@@ -1,8 +1,10 @@
 """FSDP2: what its config must hold, the memory its model states take, and how its torch.distributed.checkpoint
-directories are consolidated for export."""
+directories are read for export."""
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +45,11 @@ class FsdpPlan(EnginePlan):
         return recipe.parallel.fsdp.cpu_offload
 
     @classmethod
+    def host_state_bytes(cls, recipe: Recipe, n_params: int, world: int) -> dict[str, float]:
+        """CPU offload keeps the fp32 parameter, gradient and Adam shards in host memory."""
+        return {"offloaded params+grads+adam": 16 * n_params / world} if cls.offloaded(recipe) else {}
+
+    @classmethod
     def model_state_bytes(
         cls, recipe: Recipe, n_params: int, layer_params: int, layers: int, world: int, low: int
     ) -> dict[str, float]:
@@ -62,12 +69,24 @@ class FsdpPlan(EnginePlan):
         }
 
     @classmethod
-    def export_state_dict(cls, checkpoint: Path, model_config: Any) -> dict[str, torch.Tensor]:
+    def export_tensors(cls, checkpoint: Path, model_config: Any) -> Iterator[tuple[str, torch.Tensor]]:
+        """One decoder layer's weights at a time from the torch.distributed.checkpoint directory: the checkpoint's
+        metadata gives each weight's shape and dtype, and each load reads only the keys asked for (every rank's
+        piece of them), so memory holds one layer plus one stored piece."""
         import torch.distributed.checkpoint as dcp
-        from transformers import AutoModelForCausalLM
+        from torch.distributed.checkpoint import FileSystemReader
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(model_config, dtype=torch.float32)
-        holder = {"model": {k: torch.empty(v.shape, dtype=v.dtype) for k, v in model.state_dict().items()}}
-        dcp.load(holder, checkpoint_id=str(checkpoint))
-        return holder["model"]
+        from ..model import weight_units, weights_layout_model
+
+        stored = FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
+        for unit in weight_units(weights_layout_model(model_config)):
+            found = {k: md for k in unit if isinstance(md := stored.get(f"model.{k}"), TensorStorageMetadata)}
+            if not found:
+                continue  # the writer names what is missing
+            holder = {"model": {k: torch.empty(md.size, dtype=md.properties.dtype) for k, md in found.items()}}
+            with warnings.catch_warnings():  # that no process group is there is the point here
+                warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+                dcp.load(holder, checkpoint_id=str(checkpoint), no_dist=True)
+            yield from holder["model"].items()
+            del holder

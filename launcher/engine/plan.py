@@ -1,5 +1,5 @@
 """What each engine answers before and after a run, without building anything: what its config must hold, what
-memory its model states need, which layers compile, and how its checkpoints become one state dict for export.
+memory its model states need, which layers compile, and how its checkpoints are read for export.
 
 These are cheap to import (no DeepSpeed, no process group): ``cpt plan``, the pre-flight check and ``cpt export``
 use them. The engines that train (:mod:`launcher.engine.deepspeed`, :mod:`launcher.engine.fsdp`) are imported
@@ -8,6 +8,7 @@ only by the run that uses them.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -44,6 +45,17 @@ class EnginePlan:
         raise NotImplementedError
 
     @classmethod
+    def loads_shards(cls, recipe: Recipe) -> bool:
+        """Whether every rank builds the model without weights and reads only its own share of a safetensors
+        checkpoint (:mod:`launcher.weights`); otherwise every rank loads the whole model through transformers."""
+        return True
+
+    @classmethod
+    def host_state_bytes(cls, recipe: Recipe, n_params: int, world: int) -> dict[str, float]:
+        """Host bytes per rank of the training state the engine keeps off the GPU (offload), by component."""
+        return {}
+
+    @classmethod
     def compiled_layers(cls, recipe: Recipe, layers: int) -> range:
         """The decoder layers that run compiled under ``train.compile``."""
         return range(layers) if recipe.train.compile else range(0)
@@ -58,7 +70,8 @@ class EnginePlan:
         raise NotImplementedError
 
     @classmethod
-    def export_state_dict(cls, checkpoint: Path, model_config: Any) -> dict[str, torch.Tensor]:
-        """The consolidated weights of a checkpoint this engine saved, read in one process without a process
-        group."""
+    def export_tensors(cls, checkpoint: Path, model_config: Any) -> Iterator[tuple[str, torch.Tensor]]:
+        """The consolidated weights of a checkpoint this engine saved, as ``(state-dict key, tensor)`` pairs read
+        one decoder layer at a time (what :func:`launcher.export.write_hf_model` takes), in one process without a
+        process group. Tied copies (``lm_head.weight`` of a model with tied embeddings) are not read."""
         raise NotImplementedError
