@@ -123,19 +123,29 @@ READ_GBPS = 2.0
 local NVMe drive read by several ranks at once; ``cpt plan --read-gbps`` sets the machine's own."""
 
 
+SHARD_FILE = 5e9
+"""Bytes of one safetensors shard file as the hub's large models ship them: a rank maps one file at a time."""
+
+
 @dataclass
 class HostEstimate:
-    parts: dict[str, float]
-    """Host bytes per rank by component, beyond the process itself (Python, torch, CUDA context)."""
+    transient: dict[str, float]
+    """Host bytes per rank that come and go at start-up (one after the other), by component."""
+    held: dict[str, float]
+    """Host bytes per rank held while training (offloaded states), by component."""
     read_per_node: float
     """Bytes one node reads from disk to load the model."""
     note: str
 
+    @property
+    def peak(self) -> float:
+        return max(self.transient.values(), default=0.0) + sum(self.held.values())
+
     def table(self, ranks_per_node: int, read_gbps: float = READ_GBPS) -> str:
-        rows = [f"{k:>22}: {v / GIB:8.2f} GiB" for k, v in self.parts.items()]
-        total = sum(self.parts.values())
-        rows.append(f"{'per rank':>22}: {total / GIB:8.2f} GiB")
-        rows.append(f"{'per node':>22}: {total * ranks_per_node / GIB:8.2f} GiB ({ranks_per_node} ranks)")
+        rows = [f"{k:>22}: {v / GIB:8.2f} GiB (start-up)" for k, v in self.transient.items()]
+        rows += [f"{k:>22}: {v / GIB:8.2f} GiB" for k, v in self.held.items()]
+        rows.append(f"{'peak per rank':>22}: {self.peak / GIB:8.2f} GiB")
+        rows.append(f"{'peak per node':>22}: {self.peak * ranks_per_node / GIB:8.2f} GiB ({ranks_per_node} ranks)")
         seconds = self.read_per_node / (read_gbps * 1e9)
         rows.append(f"{'load reads per node':>22}: {self.read_per_node / 1e9:8.2f} GB, about {seconds:.0f} s at "
                     f"{read_gbps:g} GB/s")  # fmt: skip
@@ -150,17 +160,19 @@ def host_estimate(
     counts = param_counts(config, recipe.model.trust_remote_code)
     plan = plan_for(recipe)
     w = max(1, world_size)
-    parts: dict[str, float] = {}
+    transient: dict[str, float] = {}
     if checkpoint_bytes is None:
         read, note = 0.0, "a random start: each rank initialises its own share, nothing is read"
     elif plan.loads_shards(recipe):
-        # Each rank reads the slices it owns (memory-mapped: the page cache holds them, and gives them back).
-        parts["loading (page cache)"] = checkpoint_bytes / w
+        # Each rank reads the slices it owns from one memory-mapped file at a time.
+        transient["loading (mapped file)"] = min(checkpoint_bytes / w, SHARD_FILE)
         read = checkpoint_bytes * min(ranks_per_node, w) / w
         note = "every rank reads only its share of the checkpoint"
     else:
-        parts["loading (whole model)"] = checkpoint_bytes
+        transient["loading (whole model)"] = checkpoint_bytes
         read = checkpoint_bytes
         note = "ZeRO 0-2 keep a whole model on every rank by design: each rank loads all of it"
-    parts.update(plan.host_state_bytes(recipe, counts.total, w))
-    return HostEstimate(parts, read, note)
+    held = plan.host_state_bytes(recipe, counts.total, w)
+    for key in [k for k in held if k.startswith("start-up")]:
+        transient[key] = held.pop(key)
+    return HostEstimate(transient, held, read, note)

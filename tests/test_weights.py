@@ -154,3 +154,37 @@ def test_a_broken_checkpoint_is_refused_before_any_worker_starts(
     assert "Traceback" not in p.stderr
     assert "rank0" not in p.stderr, "refused by the workers, not before them"
     assert not (out / "checkpoints").exists() and not (out / "final").exists()
+
+
+def host_peak_gib(output: str) -> float:
+    line = next(x for x in output.splitlines() if x.strip().startswith("peak per rank:"))
+    return float(line.split(":")[1].split()[0])
+
+
+@pytest.mark.parametrize(
+    "engine, config, run",
+    [("fsdp", "fsdp.yaml", "new-fsdp"), ("deepspeed", "zero3.json", "new-deepspeed")],
+)
+def test_cpt_plan_host_memory_matches_the_measured_8b_load(engine, config, run):
+    """cpt plan's host memory per rank for the Llama-3 8B shape on one GPU, against the peak measured on an H200
+    (benchmarks/load_gpu.py: the peak of the pretrained load minus the same shape's random start, which reads
+    nothing)."""
+    measured = json.loads((REPO / "benchmarks/results/2026-12-01-load-1gpu-NVIDIA-H200.json").read_text())["runs"]
+    grown = measured[run]["peak_rss_gb_by_rank"]["0"] - measured[f"random-{engine}"]["peak_rss_gb_by_rank"]["0"]
+    if engine == "deepspeed":
+        # DeepSpeed's start-up copy of the partition is there with or without a load: the random start has it too
+        grown = measured[run]["peak_rss_gb_by_rank"]["0"] - measured["random-fsdp"]["peak_rss_gb_by_rank"]["0"]
+    p = cpt("plan", str(REPO / "recipes/llama-3.1-8b-fsdp.yaml"), f"parallel.engine={engine}",
+            f"parallel.config={config}", "--gpus-per-node", "1", "--gpu-memory-gib", "139")  # fmt: skip
+    planned = host_peak_gib(p.stdout) * 2**30 / 1e9
+    assert abs(planned - grown) / grown < 0.15, (planned, grown, p.stdout[-1500:])
+    assert "load reads per node" in p.stdout
+
+
+def test_cpt_plan_says_zero2_loads_the_whole_model_on_every_rank():
+    p = cpt("plan", str(REPO / "recipes/llama-3.1-8b-fsdp.yaml"), "parallel.engine=deepspeed",
+            "parallel.config=zero2.json", "--gpus-per-node", "8", "--gpu-memory-gib", "139")  # fmt: skip
+    assert "keep a whole model on every rank by design" in p.stdout
+    # every rank loads the whole bf16 checkpoint (16.06 GB measured on disk), whatever the number of ranks
+    size = json.loads((REPO / "benchmarks/results/2026-12-01-load-1gpu-NVIDIA-H200.json").read_text())["checkpoint_gb"]
+    assert abs(host_peak_gib(p.stdout) * 2**30 / 1e9 - size) / size < 0.02

@@ -9,6 +9,7 @@ import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import deepspeed
 import torch
@@ -236,12 +237,13 @@ def _partition(p: torch.Tensor) -> tuple[torch.Tensor, int, int]:
     """(this rank's storage of parameter ``p``, first element it holds of the flattened parameter, how many).
     Under ZeRO-3 a parameter's flattened elements are split into equal runs, one per rank of its group, the last
     padded; otherwise the rank holds all of it."""
-    part = getattr(p, "ds_tensor", None)
+    zero: Any = p  # a ZeRO-3 parameter carries its partition and group as attributes
+    part = getattr(zero, "ds_tensor", None)
     if part is None:
         return p.data.view(-1), 0, p.numel()
     size = part.ds_numel
-    start = size * torch.distributed.get_rank(group=p.ds_process_group)
-    return part.data.view(-1), start, max(0, min(size, int(p.ds_numel) - start))
+    start = size * torch.distributed.get_rank(group=zero.ds_process_group)
+    return part.data.view(-1), start, max(0, min(size, int(zero.ds_numel) - start))
 
 
 def _load_partitions(model: nn.Module, model_dir: Path, meta: nn.Module) -> int:

@@ -111,6 +111,12 @@ class DeepSpeedPlan(EnginePlan):
             parts["offloaded master+adam+grads"] = 16 * n_params / share
         if stage == 3 and (zero.get("offload_param") or {}).get("device", "none") not in ("none", None):
             parts["offloaded params"] = 2 * n_params / world
+        if stage == 3:
+            # At start-up ZeRO-3 moves each rank's whole parameter partition through a host buffer to defragment
+            # GPU memory (deepspeed.runtime.zero.utils.defragment): 17.7 GB peak on 1x H200 for the 8B shape,
+            # 16 GB of it this copy (benchmarks/results/2026-12-01-load-1gpu-NVIDIA-H200.json).
+            low = 4 if recipe.train.precision == "fp32" else 2
+            parts["start-up partition copy"] = low * n_params / world
         return parts
 
     @classmethod
