@@ -591,7 +591,9 @@ def test_mixture_metrics_report_the_consumed_tokens(tmp_path, tok):
             counts[owner] += 1
             previous = [owner]
     m = stream.gather_metrics()
-    assert set(m) == {"data/mix/a", "data/mix/replay", "data/batch_hash"}
+    assert set(m) == {"data/mix/a", "data/mix/replay", "data/batch_hash", "data/epochs/a", "data/epochs/replay"}
+    # 480 tokens of sources of about 2,500 and 1,500: neither has been read to its end
+    assert m["data/epochs/a"] == m["data/epochs/replay"] == 0
     assert m["data/batch_hash"] != nothing["data/batch_hash"]
     assert m["data/mix/a"] == pytest.approx(counts["a"] / (30 * 16))
     assert m["data/mix/replay"] == pytest.approx(counts["replay"] / (30 * 16))
@@ -980,3 +982,20 @@ def test_resume_on_changed_data_is_an_error(tmp_path, tok):
     resumed.load_state_dict(state)
     with pytest.raises(DataError, match=r"a\.jsonl no longer has the document .* the data changed"):
         next(iter(resumed))
+
+
+def test_epochs_of_each_source_are_counted(tmp_path, tok):
+    """A small source mixed with a large one is read to its end again and again (all_exhausted); data/epochs
+    counts its completed passes, which the consumed documents show independently."""
+    small = [f"w{10 + i} w3 w3" for i in range(3)]
+    write_jsonl(tmp_path / "small.jsonl", small)
+    write_jsonl(tmp_path / "big.jsonl", [" ".join(["w2"] * (1 + i % 5)) for i in range(2000)])
+    sources = [SourceConfig(path=str(tmp_path / "small.jsonl")), SourceConfig(path=str(tmp_path / "big.jsonl"))]
+    stream = TrainStream(sources, tok, seq_len=8, micro_batch_size=2, rank=0, world_size=1, seed=0)
+    first = {ids(tok, t)[0] for t in small}
+    seen = sum(1 for batch in _take(stream, 40) for t in batch["input_ids"].flatten().tolist() if t in first)
+    m = stream.gather_metrics()
+    # each pass over the small source is its 3 documents; the pass in progress is not complete yet
+    assert seen >= 9
+    assert m["data/epochs/small"] in (seen // 3 - 1, seen // 3)
+    assert m["data/epochs/big"] == 0

@@ -332,13 +332,17 @@ class TrainStream:
         ``data/mix/<label>``: the fraction of the training tokens consumed so far (EOS included) that came from
         each source -- compare with the weights. ``data/batch_hash``: a hash of every token id consumed so far, in
         order; two runs (or a run and its resumed continuation) that trained on the same data show the same
-        value at the same step.
+        value at the same step. ``data/epochs/<label>``: the passes over each source that every reader has
+        finished (a finite source's epochs; under ``all_exhausted`` a smaller source is read more often).
 
         When torch.distributed is initialised with this stream's world size, both cover every rank (one small
         all_gather); otherwise they cover this rank.
         """
         counts = list(self._source_tokens)
         hashes = [int(self._hash, 16)]
+        known = not self._replay and all(st is not None for st in self._states)
+        epochs = [min(int(st["sources"][i][0]) for st in self._states if st is not None) if known else -1
+                  for i in range(len(self.sources))]  # fmt: skip
         import torch.distributed as dist
 
         spec = self.spec
@@ -354,17 +358,20 @@ class TrainStream:
                 device = torch.device("cuda", torch.cuda.current_device())
             # Hashes are 64-bit; sent as two 32-bit halves so no value needs the sign bit of an int64.
             h = hashes[0]
-            mine = torch.tensor([*counts, h >> 32, h & 0xFFFFFFFF], dtype=torch.long, device=device)
+            mine = torch.tensor([*counts, *epochs, h >> 32, h & 0xFFFFFFFF], dtype=torch.long, device=device)
             gathered = [torch.empty_like(mine) for _ in range(spec.world_size)]
             dist.all_gather(gathered, mine)
             rows = torch.stack(gathered).cpu().tolist()
             counts = [sum(r[i] for r in rows) for i in range(len(counts))]
+            epochs = [min(r[len(counts) + i] for r in rows) for i in range(len(epochs))]
             hashes = [(r[-2] << 32) | r[-1] for r in rows]
         total = sum(counts)
         out: dict[str, float] = {}
         if total:
             out.update({f"data/mix/{label}": n / total for label, n in zip(self.labels, counts)})
         out["data/batch_hash"] = _hash48(*hashes)
+        if min(epochs, default=-1) >= 0:
+            out.update({f"data/epochs/{label}": float(n) for label, n in zip(self.labels, epochs)})
         return out
 
     def passes_completed(self) -> int | None:
