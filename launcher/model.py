@@ -68,6 +68,7 @@ def meta_model(recipe: Recipe, config: PretrainedConfig) -> nn.Module:
     """The model of ``config`` on the meta device (no memory, no initialisation): the names, shapes and tied
     weights a checkpoint is checked against, and the modules :func:`launcher.weights.init_tensors` materialises
     one at a time."""
+    _warn_remote_code(recipe, "model", recipe.model.name_or_path or config_source(recipe))
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(
             config, dtype=torch.float32, attn_implementation=recipe.model.attn_implementation,

@@ -67,7 +67,11 @@ def test_deepspeed_auto_values_are_filled_from_the_recipe(tmp_path):
     assert ds["gradient_clipping"] == 0.5
     assert ds["bf16"]["enabled"] is True
     assert ds["optimizer"]["params"]["lr"] == 2e-4 and ds["optimizer"]["params"]["fused"] is True
-    assert ds["zero_optimization"]["reduce_bucket_size"] == 500_000_000
+    # DeepSpeed's 5e8 elements, but never more than a rank's share of the 1.1B model (16 ranks: 68.8M): the bucket
+    # is allocated whole on every rank
+    assert ds["zero_optimization"]["reduce_bucket_size"] == -(-counts.total // 16) < 500_000_000
+    two = fill_auto(r, r.batch_layout(2), *model, dtype=torch.bfloat16, cuda=True)
+    assert two["zero_optimization"]["reduce_bucket_size"] == 500_000_000
     # q and o, k and v (4 KV heads of 64), MLP, two norms
     layer = 2 * 2048 * 2048 + 2 * 2048 * 256 + 3 * 2048 * 5632 + 2 * 2048
     assert ds["zero_optimization"]["stage3_prefetch_bucket_size"] == 2 * layer

@@ -229,6 +229,10 @@ def _build(recipe: Recipe, config: PretrainedConfig, dtype: torch.dtype, stage: 
         model = AutoModelForCausalLM.from_config(
             config, dtype=dtype, attn_implementation=m.attn_implementation, trust_remote_code=m.trust_remote_code
         )
+    # Skipping the initialisation also skips the tying that follows it (transformers 5.24): a tied model would
+    # train its output projection as a separate matrix that the export then drops.
+    if config.tie_word_embeddings:
+        model.tie_weights()
     model.config.use_cache = False
     return model
 
