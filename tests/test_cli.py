@@ -340,5 +340,9 @@ def test_a_launch_logs_each_stage_with_its_time_and_no_progress_bars(hub_run):
         assert m, f"no {stage!r} in the log:\n{log[-4000:]}"
         positions.append(m.start())
     assert positions == sorted(positions)
+    # DeepSpeed's own print as it joins on CPU comes through the log, stamped, not as a bare line
+    built = r"DeepSpeed \S*shm_comm_op built successfully"
+    assert re.search(rf"\[rank0\] INFO launcher\.engine\.deepspeed: {built}", log)
+    assert not re.search(rf"^{built}", log, re.M), log[-4000:]
     # transformers' bars for reading and writing weights (final/ is written at the end)
     assert "Writing model shards" not in log and "Loading weights" not in log and "it/s]" not in log, log[-4000:]

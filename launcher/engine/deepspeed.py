@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import math
 import os
@@ -49,6 +51,19 @@ class _CheckpointFiles(TorchCheckpointEngine):
             return torch.load(path, map_location=map_location, weights_only=True)
 
 
+class _LogLines(io.TextIOBase):
+    """A text stream whose lines become INFO records of this module's log."""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        for line in text.splitlines():
+            if line.strip():
+                log.info("%s", line.strip())
+        return len(text)
+
+
 def _plain_arch_list() -> None:
     """DeepSpeed's JIT build of the DeepCompile operators cannot parse architecture suffixes in
     ``TORCH_CUDA_ARCH_LIST`` (``9.0a`` fails with "invalid literal for int()", deepspeed 0.19.8): drop them."""
@@ -70,7 +85,9 @@ class DeepSpeedEngine(Engine):
         # DeepSpeed's own communication layer wraps the process group that already exists.
         log.info("DeepSpeed joins the process group (on CPU it first builds or loads its shared-memory op)")
         start = time.perf_counter()
-        deepspeed.init_distributed(dist_init_required=False)
+        # On CPU DeepSpeed prints "DeepSpeed shm_comm_op built successfully" as it joins: into the log, stamped.
+        with contextlib.redirect_stdout(_LogLines()):
+            deepspeed.init_distributed(dist_init_required=False)
         log.info("DeepSpeed communication ready in %.1f s", time.perf_counter() - start)
         # While this object lives, transformers builds and loads the model under deepspeed.zero.Init: with
         # ZeRO-3 each rank only ever materialises its own partition of the weights. It must not outlive the
