@@ -49,7 +49,9 @@ def local_model_dir(name_or_path: str) -> Path:
         return Path(name_or_path)
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(name_or_path, allow_patterns=["*.json", "*.safetensors"]))
+    # Only transformers' own files: some repositories also ship the weights again in another layout
+    # (consolidated.safetensors, original/), which would double the download.
+    return Path(snapshot_download(name_or_path, allow_patterns=["*.json", "model*.safetensors"]))
 
 
 def weight_files(model_dir: Path) -> dict[str, Path]:
