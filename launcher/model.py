@@ -69,11 +69,10 @@ def meta_model(recipe: Recipe, config: PretrainedConfig) -> nn.Module:
     weights a checkpoint is checked against, and the modules :func:`launcher.weights.init_tensors` materialises
     one at a time."""
     _warn_remote_code(recipe, "model", recipe.model.name_or_path or config_source(recipe))
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(
-            config, dtype=torch.float32, attn_implementation=recipe.model.attn_implementation,
-            trust_remote_code=recipe.model.trust_remote_code,
-        )  # fmt: skip
+    m = recipe.model
+    return weights_layout_model(
+        config, attn_implementation=m.attn_implementation, trust_remote_code=m.trust_remote_code
+    )
 
 
 def decoder_layer_classes(model: nn.Module) -> tuple[type, ...]:
@@ -122,11 +121,11 @@ def param_counts(config: PretrainedConfig, trust_remote_code: bool = False) -> P
     return _COUNTS[key]
 
 
-def weights_layout_model(config: PretrainedConfig, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """The model ``config`` describes with transformers' defaults, on the meta device: the names, shapes and tied
-    weights an exported model stores, no memory."""
+def weights_layout_model(config: PretrainedConfig, dtype: torch.dtype = torch.float32, **options: Any) -> nn.Module:
+    """The model ``config`` describes, on the meta device: the names, shapes and tied weights a saved model stores,
+    no memory. ``options`` go to ``from_config`` (attn_implementation, trust_remote_code)."""
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+        return AutoModelForCausalLM.from_config(config, dtype=dtype, **options)
 
 
 def tied_copies(model: nn.Module) -> set[str]:

@@ -31,6 +31,7 @@ from torch import nn
 
 from .compat import init_module_weights
 from .files import is_hub_id
+from .model import tied_copies
 
 log = logging.getLogger(__name__)
 
@@ -88,11 +89,19 @@ def weight_files(model_dir: Path) -> dict[str, Path]:
     )
 
 
+_BYTES = {"F64": 8, "F32": 4, "I64": 8, "I32": 4, "F16": 2, "BF16": 2, "I16": 2}
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     shape: tuple[int, ...]
     dtype: str
+    """As safetensors names it: BF16, F32, ..."""
     file: Path
+
+    @property
+    def element_size(self) -> int:
+        return _BYTES.get(self.dtype, 1)
 
 
 def read_headers(files: dict[str, Path]) -> dict[str, TensorInfo]:
@@ -117,26 +126,19 @@ def checkpoint_bytes(model_dir: Path) -> int | None:
         headers = read_headers(weight_files(model_dir))
     except WeightsError:
         return None
-    size = {"F64": 8, "F32": 4, "I64": 8, "I32": 4, "F16": 2, "BF16": 2, "I16": 2}
-    return sum(math.prod(t.shape) * size.get(t.dtype, 1) for t in headers.values())
+    return sum(math.prod(t.shape) * t.element_size for t in headers.values())
 
 
 def expected_tensors(model: nn.Module) -> tuple[dict[str, tuple[int, ...]], set[str]]:
-    """(name -> shape of every tensor a checkpoint must hold for ``model``, names it may omit: the second name of
-    a tied weight). ``model`` may live on the meta device."""
-    shapes: dict[str, tuple[int, ...]] = {}
-    seen: dict[int, str] = {}
-    optional: set[str] = set()
-    for name, p in model.named_parameters(remove_duplicate=False):
-        if id(p) in seen:
-            optional.add(name)
-            continue
-        seen[id(p)] = name
-        shapes[name] = tuple(p.shape)
+    """(name -> shape of every tensor a checkpoint must hold for ``model``, names it may omit: the second names
+    of tied weights, and persistent buffers, which models recompute). ``model`` may live on the meta device."""
+    optional = tied_copies(model)
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters(remove_duplicate=False) if n not in optional}
+    state = model.state_dict(keep_vars=True)
     for name, b in model.named_buffers():
-        if name in model.state_dict(keep_vars=True):
+        if name in state:
             shapes.setdefault(name, tuple(b.shape))
-            optional.add(name)  # persistent buffers are usually recomputed; a checkpoint need not carry them
+            optional.add(name)
     return shapes, optional
 
 

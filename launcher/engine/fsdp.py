@@ -192,14 +192,8 @@ def _load_shards(model: nn.Module, model_dir: Path, meta: nn.Module) -> int:
     for key, value in state.items():
         local = value.to_local() if isinstance(value, DTensor) else value
         if isinstance(local, torch.Tensor):
-            read += local.numel() * _element_size(headers[key].dtype)
+            read += local.numel() * headers[key].element_size
     return read
-
-
-def _element_size(safetensors_dtype: str) -> int:
-    return {"F64": 8, "F32": 4, "I64": 8, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}.get(
-        safetensors_dtype, 4
-    )
 
 
 def _init_shards(model: nn.Module, meta: nn.Module, seed: int, device: torch.device) -> None:
