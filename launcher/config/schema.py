@@ -110,6 +110,26 @@ class ModelConfig:
     of them ...). Selective checkpointing keeps the rest of the activations, trading memory for speed."""
     trust_remote_code: bool = False
     """Allow model/tokenizer code from the model repository to run. Off unless you need it."""
+    init_from: str | None = None
+    """Start a new run from the weights of another run: one of its checkpoints (``<output_dir>/checkpoints/step-N``,
+    any world size) or a Hugging Face model directory such as its ``final/``. The schedule starts afresh (step 0,
+    ``train.warmup_steps`` re-warms): the annealing branch of a WSD run, or the next stage of a curriculum. The
+    model config and tokenizer come from there unless ``model.tokenizer`` says otherwise; ``model.name_or_path``
+    and ``model.from_config`` stay empty. A checkpoint of this run's own ``output_dir`` still takes precedence: a
+    restarted branch resumes itself."""
+    init_optimizer: bool = False
+    """With ``init_from`` a checkpoint of the same engine: also take its optimizer state (Adam's moments and step
+    count), so the branch continues the update of the run it came from. The learning rate, betas, epsilon and
+    weight decay are this recipe's."""
+    init_data: bool = False
+    """With ``init_from`` a checkpoint: continue its data stream where that run stood (its sources, seq_len, seed
+    and data layout must be this recipe's), rather than reading the data from the start. A branch with
+    ``init_optimizer`` and ``init_data`` trains step for step as the run it came from would have."""
+    add_tokens: list[str] = field(default_factory=list)
+    """Tokens to add to the tokenizer as whole tokens (each becomes one id). The embedding matrices grow to the new
+    vocabulary, padded to a multiple of 64; each new row (input and output embeddings) starts as the mean of the
+    rows of the pieces the base tokenizer splits the token into (the mean of all rows for a token it cannot
+    split). ``model.tokenizer`` may name a tokenizer that extends the base one instead, or as well."""
 
 
 @dataclass
@@ -167,12 +187,32 @@ class TrainConfig:
     """Peak learning rate."""
     min_lr_ratio: float = 0.1
     """Final learning rate as a fraction of ``lr`` (cosine and linear schedules)."""
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    """Learning-rate decay after warmup."""
+    schedule: Literal["cosine", "linear", "constant", "wsd"] = "cosine"
+    """Learning rate after warmup: ``cosine`` and ``linear`` decay to ``min_lr_ratio`` over the whole run;
+    ``constant`` stays at ``lr``; ``wsd`` (warmup-stable-decay) stays at ``lr`` and decays to ``min_lr_ratio`` over
+    the last ``decay_steps`` (or ``decay_fraction``) steps, in the shape ``decay_shape``. A WSD run's stable phase
+    can be branched at any checkpoint and annealed (``model.init_from``)."""
+    decay_steps: int | None = None
+    """``schedule: wsd``: steps of the final decay."""
+    decay_fraction: float | None = None
+    """``schedule: wsd``: the final decay as a fraction of ``max_steps`` (rounded to whole steps), instead of
+    ``decay_steps``."""
+    decay_shape: Literal["linear", "cosine", "1-sqrt"] = "linear"
+    """``schedule: wsd``: shape of the decay from ``lr`` to ``lr x min_lr_ratio``, with p the fraction of the decay
+    done: ``linear`` 1 - p, ``cosine`` (1 + cos(pi p)) / 2, ``1-sqrt`` 1 - sqrt(p)."""
     warmup_steps: int = 0
-    """Linear warmup from 0 to ``lr`` over this many steps."""
+    """Linear warmup from 0 to ``lr`` over this many steps (after ``model.init_from`` it re-warms the loaded
+    model)."""
     weight_decay: float = 0.1
     """AdamW decoupled weight decay."""
+    weight_decay_exclude: list[str] = field(default_factory=lambda: ["bias", "norm"])
+    """Parameters that are not decayed: regular expressions searched in each parameter's name (as the model's
+    ``named_parameters`` gives it, e.g. ``model.layers.0.input_layernorm.weight``). The default leaves biases and
+    normalisation weights alone, as HF Trainer does; add ``embed`` to spare the embeddings too (as OLMo does);
+    ``[]`` decays everything."""
+    trainable: Literal["all", "embeddings"] = "all"
+    """What is trained: ``all`` the parameters, or only the input and output ``embeddings`` (every other weight
+    stays bit for bit as loaded), the usual first stage after a vocabulary extension."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     """AdamW betas."""
     eps: float = 1e-8

@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 import types
 import typing
 from fnmatch import fnmatch
@@ -173,6 +174,12 @@ def check_values(r: Recipe) -> list[str]:
     need(0 <= t.min_lr_ratio <= 1, f"train.min_lr_ratio: must be within [0, 1], got {t.min_lr_ratio}")
     need(t.warmup_steps >= 0, f"train.warmup_steps: must be >= 0, got {t.warmup_steps}")
     need(t.weight_decay >= 0, f"train.weight_decay: must be >= 0, got {t.weight_decay}")
+    _check_schedule(r, problems)
+    for i, pattern in enumerate(t.weight_decay_exclude):
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            problems.append(f"train.weight_decay_exclude[{i}]: {pattern!r} is not a regular expression ({e})")
     need(
         len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas),
         f"train.betas: two numbers within [0, 1), got {t.betas}",
@@ -206,6 +213,36 @@ def check_values(r: Recipe) -> list[str]:
         need(p.nproc_per_node > 0, f"parallel.nproc_per_node: must be positive, got {p.nproc_per_node}")
     need(p.timeout_minutes > 0, f"parallel.timeout_minutes: must be positive, got {p.timeout_minutes}")
     return problems
+
+
+def _check_schedule(r: Recipe, problems: list[str]) -> None:
+    """WSD's decay is set in exactly one way and fits in the run after the warmup; its keys only with WSD."""
+    t = r.train
+    given = [k for k in ("decay_steps", "decay_fraction") if getattr(t, k) is not None]
+    if t.schedule != "wsd":
+        for k in given:
+            problems.append(f"train.{k}: only used with train.schedule=wsd (it is {t.schedule!r})")
+        return
+    if len(given) != 1:
+        problems.append(
+            "train.schedule: wsd needs the length of its final decay: set one of train.decay_steps and "
+            f"train.decay_fraction ({'both are' if given else 'neither is'} set)"
+        )
+        return
+    if t.decay_steps is not None and t.decay_steps <= 0:
+        problems.append(f"train.decay_steps: must be positive, got {t.decay_steps}")
+        return
+    if t.decay_fraction is not None and not 0 < t.decay_fraction <= 1:
+        problems.append(f"train.decay_fraction: must be within (0, 1], got {t.decay_fraction}")
+        return
+    # Under train.max_tokens the steps are derived at launch; the engine checks the same then.
+    if t.max_tokens is None and t.max_steps > 0:
+        decay = t.decay_steps if t.decay_steps is not None else max(1, round(t.decay_fraction * t.max_steps))
+        if t.warmup_steps + decay > t.max_steps:
+            problems.append(
+                f"train.decay_steps: the warmup ({t.warmup_steps} steps) and the decay ({decay} steps) do not fit in "
+                f"train.max_steps={t.max_steps}"
+            )
 
 
 def _check_source(s: SourceConfig, key: str, problems: list[str], *, train: bool = True) -> None:

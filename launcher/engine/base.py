@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,22 +28,76 @@ def resolve_dtype(recipe: Recipe, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if p == "bf16" else torch.float32
 
 
+def decay_steps(recipe: Recipe) -> int:
+    """Steps of a WSD schedule's final decay: ``train.decay_steps``, or ``decay_fraction`` of ``max_steps``."""
+    t = recipe.train
+    if t.decay_steps is not None:
+        return t.decay_steps
+    return max(1, round((t.decay_fraction or 0.0) * t.max_steps))
+
+
+DECAY_SHAPES = {
+    "linear": lambda p: 1 - p,
+    "cosine": lambda p: 0.5 * (1 + math.cos(math.pi * p)),
+    "1-sqrt": lambda p: 1 - math.sqrt(p),
+}
+"""Fraction of the way from the floor to the peak, as a function of the fraction ``p`` of the decay done."""
+
+
 def lr_lambda(recipe: Recipe):
-    """Multiplier of ``train.lr`` at each step: linear warmup, then cosine/linear decay to min_lr_ratio."""
+    """Multiplier of ``train.lr`` at each step (0-based, the optimizer step about to be taken): linear warmup,
+    then cosine/linear decay to min_lr_ratio over the rest of the run, a constant, or WSD's stable phase and final
+    decay of ``decay_steps`` in ``decay_shape``."""
     t = recipe.train
     warm, total, floor = t.warmup_steps, max(1, t.max_steps), t.min_lr_ratio
+    if t.schedule == "wsd":
+        decay = decay_steps(recipe)
+        start, shape = total - decay, DECAY_SHAPES[t.decay_shape]
+    else:
+        # cosine and linear decay over the whole run after warmup (constant never reaches the shape)
+        decay, start, shape = max(1, total - warm), warm, DECAY_SHAPES.get(t.schedule, DECAY_SHAPES["linear"])
 
     def f(step: int) -> float:
         if step < warm:
             return (step + 1) / (warm + 1)
-        if t.schedule == "constant":
+        if t.schedule == "constant" or step < start:
             return 1.0
-        progress = min(1.0, (step - warm) / max(1, total - warm))
-        if t.schedule == "linear":
-            return floor + (1 - floor) * (1 - progress)
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+        return floor + (1 - floor) * shape(min(1.0, (step - start) / decay))
 
     return f
+
+
+def optimizer_groups(model: nn.Module, recipe: Recipe) -> list[dict]:
+    """The trainable parameters in two AdamW groups: decayed, and those ``train.weight_decay_exclude`` names (each
+    pattern searched in the parameter's name) with no weight decay. Empty groups are left out; a shared parameter
+    (tied embeddings) appears once."""
+    patterns = [re.compile(p) for p in recipe.train.weight_decay_exclude]
+    decay: list[nn.Parameter] = []
+    spared: list[nn.Parameter] = []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (spared if any(x.search(name) for x in patterns) else decay).append(p)
+    groups = [{"params": decay, "weight_decay": recipe.train.weight_decay}, {"params": spared, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def embedding_parameters(model: nn.Module) -> set[int]:
+    """ids of the input and output embedding matrices (one matrix when they are tied)."""
+    found = set()
+    for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+        if module is not None:
+            found.update(id(p) for p in module.parameters())
+    return found
+
+
+def apply_trainable(model: nn.Module, recipe: Recipe) -> None:
+    """``train.trainable: embeddings`` freezes every parameter but the input and output embeddings; before the
+    engine shards the model, so frozen weights get no gradient and no optimizer state."""
+    if recipe.train.trainable == "all":
+        return
+    keep = embedding_parameters(model)
+    for p in model.parameters():
+        p.requires_grad_(id(p) in keep)
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:

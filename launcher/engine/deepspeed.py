@@ -30,7 +30,7 @@ from ..metrics import host_memory_gib
 from ..model import build_model, decoder_layer_classes, meta_model, param_counts
 from ..redact import redact_values
 from ..weights import LazyWeights, WeightsError, check_weights, init_tensors, local_model_dir
-from .base import Batch, Engine, forward_loss, lr_lambda
+from .base import Batch, Engine, apply_trainable, forward_loss, lr_lambda, optimizer_groups
 from .deepspeed_plan import fill_auto, weights_only_loading
 from .deepspeed_universal import ensure_universal, saved_world_size, universal_loading
 from .options import apply_training_options
@@ -121,6 +121,7 @@ class DeepSpeedEngine(Engine):
             log.info("DeepSpeed compile.deepcompile needs a GPU: off on %s", info.device.type)
             self.ds_config["compile"]["deepcompile"] = deepcompile = False
         self.fused_loss = bool(apply_training_options(model, recipe, compile_layers=not deepcompile)["fused_loss"])
+        apply_trainable(model, recipe)
         # DeepCompile schedules ZeRO-3's gathers inside the compiled graph itself; leaf modules are for the hooks.
         if self.stage == 3 and recipe.parallel.zero3_layer_gather and not deepcompile:
             set_z3_leaf_modules(model, list(decoder_layer_classes(model)))
@@ -128,7 +129,7 @@ class DeepSpeedEngine(Engine):
         start = time.perf_counter()
         self.ds, _, _, _ = deepspeed.initialize(
             model=model,
-            model_parameters=[p for p in model.parameters() if p.requires_grad],
+            model_parameters=optimizer_groups(model, recipe),
             config=self.ds_config,
             lr_scheduler=lambda opt: LambdaLR(opt, lr_lambda(recipe)),
             dist_init_required=False,

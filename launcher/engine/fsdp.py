@@ -33,7 +33,7 @@ from ..files import torch_save
 from ..launch import DistInfo
 from ..model import decoder_layers, meta_model
 from ..weights import WeightsError, check_weights, init_tensors, local_model_dir
-from .base import Batch, Engine, forward_loss, lr_lambda
+from .base import Batch, Engine, apply_trainable, forward_loss, lr_lambda, optimizer_groups
 from .options import apply_training_options
 
 log = logging.getLogger(__name__)
@@ -74,6 +74,7 @@ class FsdpEngine(Engine):
                 trust_remote_code=recipe.model.trust_remote_code,
             )  # fmt: skip
         self.fused_loss = bool(apply_training_options(model, recipe)["fused_loss"])
+        apply_trainable(model, recipe)
         buffers = {n: b.clone() for n, b in model.named_buffers()}
         # Each decoder layer is its own FSDP unit, so one layer's all-gather overlaps the previous one's compute;
         # the root unit holds embeddings, final norm and lm_head (tied weights stay one parameter there).
@@ -105,9 +106,10 @@ class FsdpEngine(Engine):
             _init_shards(model, meta_model(recipe, config), recipe.train.seed, info.device)
             log.info("model initialised in %.1f s", time.perf_counter() - start)
         self.model = model
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
         t = recipe.train
         self.optimizer = torch.optim.AdamW(
-            model.parameters(), lr=t.lr, betas=(t.betas[0], t.betas[1]), eps=t.eps, weight_decay=t.weight_decay,
+            optimizer_groups(model, recipe), lr=t.lr, betas=(t.betas[0], t.betas[1]), eps=t.eps,
             fused=True if dev == "cuda" and not offload else None,
         )  # fmt: skip
         self.scheduler = LambdaLR(self.optimizer, lr_lambda(recipe))
@@ -126,7 +128,7 @@ class FsdpEngine(Engine):
             (loss / n).backward()
             total += loss.detach()
         clip = self.recipe.train.grad_clip or float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip, foreach=True)
+        norm = torch.nn.utils.clip_grad_norm_(self.trainable, clip, foreach=True)
         if isinstance(norm, DTensor):
             norm = norm.full_tensor()
         value = float(norm.item())
