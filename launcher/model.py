@@ -19,6 +19,12 @@ def config_source(recipe: Recipe) -> str:
     return recipe.model.name_or_path or recipe.model.from_config or ""
 
 
+def weights_source(recipe: Recipe) -> str | None:
+    """Where the starting weights are read from as Hugging Face safetensors (a local directory or a hub id), or
+    None for a random start: ``model.name_or_path``."""
+    return recipe.model.name_or_path
+
+
 def _warn_remote_code(recipe: Recipe, what: str, src: str | None) -> None:
     """``model.trust_remote_code`` lets Python files shipped with a model, config or tokenizer run on load."""
     if recipe.model.trust_remote_code:
@@ -50,11 +56,12 @@ def build_model(recipe: Recipe, config: PretrainedConfig, dtype: torch.dtype) ->
     """The whole pretrained model of ``model.name_or_path``, loaded by transformers in this process: what ZeRO 0-2
     replicate on every rank. FSDP2 and ZeRO-3 never build a whole model (see :mod:`launcher.weights`)."""
     m = recipe.model
-    if not m.name_or_path:
+    source = weights_source(recipe)
+    if not source:
         raise ValueError("build_model loads pretrained weights: model.name_or_path is not set")
-    _warn_remote_code(recipe, "model", m.name_or_path)
+    _warn_remote_code(recipe, "model", source)
     model = AutoModelForCausalLM.from_pretrained(
-        m.name_or_path,
+        source,
         config=config,
         dtype=dtype,
         attn_implementation=m.attn_implementation,

@@ -112,11 +112,11 @@ class ModelConfig:
     """Allow model/tokenizer code from the model repository to run. Off unless you need it."""
     init_from: str | None = None
     """Start a new run from the weights of another run: one of its checkpoints (``<output_dir>/checkpoints/step-N``,
-    any world size) or a Hugging Face model directory such as its ``final/``. The schedule starts afresh (step 0,
-    ``train.warmup_steps`` re-warms): the annealing branch of a WSD run, or the next stage of a curriculum. The
-    model config and tokenizer come from there unless ``model.tokenizer`` says otherwise; ``model.name_or_path``
-    and ``model.from_config`` stay empty. A checkpoint of this run's own ``output_dir`` still takes precedence: a
-    restarted branch resumes itself."""
+    saved on any world size) or a Hugging Face model directory such as its ``final/``, in place of the weights of
+    ``name_or_path`` (or the random start of ``from_config``), which still say what the model is: the weights must
+    be of that architecture. The schedule starts afresh (step 0; ``train.warmup_steps`` re-warms): the annealing
+    branch of a WSD run, or the next stage of a curriculum, in one recipe that extends the first. A checkpoint in
+    this run's own ``output_dir`` still takes precedence: a restarted branch resumes itself."""
     init_optimizer: bool = False
     """With ``init_from`` a checkpoint of the same engine: also take its optimizer state (Adam's moments and step
     count), so the branch continues the update of the run it came from. The learning rate, betas, epsilon and

@@ -27,7 +27,7 @@ from ..config import BatchLayout, Recipe
 from ..files import torch_save
 from ..launch import DistInfo
 from ..metrics import host_memory_gib
-from ..model import build_model, decoder_layer_classes, meta_model, param_counts
+from ..model import build_model, decoder_layer_classes, meta_model, param_counts, weights_source
 from ..redact import redact_values
 from ..weights import LazyWeights, WeightsError, check_weights, init_tensors, local_model_dir
 from .base import Batch, Engine, apply_trainable, forward_loss, lr_lambda, optimizer_groups
@@ -93,7 +93,7 @@ class DeepSpeedEngine(Engine):
         # ZeRO-3 each rank only ever materialises its own partition of the weights. It must not outlive the
         # build: any later model construction (the export, on rank 0 alone) would become a collective and hang.
         hf_ds = HfDeepSpeedConfig(self.ds_config) if self.stage == 3 else None
-        source = recipe.model.name_or_path
+        source = weights_source(recipe)
         what = "every rank reads its partition of" if self.stage == 3 else "loading the weights of"
         log.info("ZeRO stage %d: %s", self.stage, f"{what} {source}" if source else "initialising the model")
         start = time.perf_counter()
@@ -241,7 +241,7 @@ def _build(recipe: Recipe, config: PretrainedConfig, dtype: torch.dtype, stage: 
     ZeRO 0-2 keep a whole model on every rank by design: pretrained weights come through transformers; a random
     one is built without initialisation and filled by :func:`_init_partitions`, as under ZeRO-3 and FSDP2."""
     m = recipe.model
-    if stage != 3 and m.name_or_path:
+    if stage != 3 and weights_source(recipe):
         return build_model(recipe, config, dtype)
     with no_init_weights():
         model = AutoModelForCausalLM.from_config(

@@ -31,7 +31,7 @@ from transformers import AutoModelForCausalLM, PretrainedConfig
 from ..config import BatchLayout, Recipe
 from ..files import torch_save
 from ..launch import DistInfo
-from ..model import decoder_layers, meta_model
+from ..model import decoder_layers, meta_model, weights_source
 from ..weights import WeightsError, check_weights, init_tensors, local_model_dir
 from .base import Batch, Engine, apply_trainable, forward_loss, lr_lambda, optimizer_groups
 from .options import apply_training_options
@@ -96,7 +96,7 @@ class FsdpEngine(Engine):
         log.info("model built on the meta device and sharded over %d ranks in %.1f s", info.world_size,
                  time.perf_counter() - start)  # fmt: skip
         start = time.perf_counter()
-        source = recipe.model.name_or_path
+        source = weights_source(recipe)
         if source:
             log.info("FSDP2: every rank reads its shards of %s", source)
             read = _load_shards(model, local_model_dir(source), meta_model(recipe, config))
