@@ -159,6 +159,99 @@ def test_training_moved_the_weights_away_from_the_base(assets, parity_runs):
     assert len(changed) == len(base), set(base) - set(changed)
 
 
+# ------------------------------------------------------------------- an independent reference for the update
+
+
+def reference_run(out, steps: int, decay_norms: bool) -> tuple[list[float], list[float], dict[str, torch.Tensor]]:
+    """The update a run in ``out`` should have made, computed in one process by plain PyTorch: the Hugging Face
+    model loaded from the base, ``torch.optim.AdamW``, the recipe's schedule written out here (linear warmup, then
+    cosine to ``min_lr_ratio``), the global gradient norm clipped, each optimizer step over the whole global batch
+    (the same blocks the ranks read, from the launcher's data stream: the one part shared). Normalisation weights are
+    found by their module type (RMSNorm/LayerNorm), not by the launcher's name patterns. Returns the loss of each
+    step before its update and the final weights."""
+    from transformers import AutoModelForCausalLM
+
+    from launcher.data import TrainStream
+    from launcher.model import load_tokenizer
+    from launcher.preflight import load_recipe
+
+    r = load_recipe(out / "resolved_recipe.yaml")
+    t = r.train
+    world = r.parallel.nproc_per_node
+    accum = t.global_batch_size // (t.micro_batch_size * world)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(r.model.name_or_path, dtype=torch.float32)
+    model.train()
+    norms = {id(p) for m in model.modules() if "Norm" in type(m).__name__ for p in m.parameters(recurse=False)}
+    params = list(model.parameters())
+    spared = [p for p in params if id(p) in norms and not decay_norms]
+    decayed = [p for p in params if id(p) not in {id(q) for q in spared}]
+    groups = [{"params": decayed, "weight_decay": t.weight_decay}, {"params": spared, "weight_decay": 0.0}]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=t.lr, betas=tuple(t.betas), eps=t.eps)
+    warm, floor = t.warmup_steps, t.min_lr_ratio
+
+    def lr_at(step: int) -> float:  # 0-based step
+        if step < warm:
+            return t.lr * (step + 1) / (warm + 1)
+        return t.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * (step - warm) / (t.max_steps - warm))))
+
+    tok = load_tokenizer(r)
+    streams = [
+        iter(TrainStream.from_config(r.data, tok, micro_batch_size=t.micro_batch_size, rank=rank, world_size=world,
+                                     seed=t.seed))
+        for rank in range(world)
+    ]  # fmt: skip
+    losses, lrs = [], []
+    for step in range(steps):
+        blocks = torch.cat([next(s)["input_ids"] for s in streams for _ in range(accum)])
+        logits = model(input_ids=blocks).logits
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), blocks[:, 1:].flatten())
+        losses.append(loss.item())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
+        lrs.append(lr_at(step))
+        for g in opt.param_groups:
+            g["lr"] = lrs[-1]
+        opt.step()
+        opt.zero_grad()
+    return losses, lrs, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_matches_reference(out, decay_norms: bool) -> None:
+    from transformers import AutoModelForCausalLM
+
+    losses = train_losses(out)
+    lrs = {m["step"]: m["lr"] for m in read_metrics(out) if "lr" in m}
+    ref_losses, ref_lrs, ref_weights = reference_run(out, len(losses), decay_norms)
+    for step, (ref, ref_lr) in enumerate(zip(ref_losses, ref_lrs), start=1):
+        assert losses[step] == pytest.approx(ref, abs=1e-5), (out.name, step, losses[step], ref)
+        assert lrs[step] == pytest.approx(ref_lr, rel=1e-9), (out.name, step, lrs[step], ref_lr)
+    final = AutoModelForCausalLM.from_pretrained(out / "final", dtype=torch.float32).state_dict()
+    assert final.keys() == ref_weights.keys()
+    for key, ref in ref_weights.items():
+        torch.testing.assert_close(final[key], ref, rtol=0, atol=1e-5, msg=lambda m, k=key: f"{out.name} {k}: {m}")
+
+
+@pytest.mark.parametrize("name", ["zero0", "zero2", "zero3", "zero3-offload", "fsdp", "hsdp", "fsdp-compile"])
+def test_engines_match_a_plain_pytorch_reference_with_accumulation(parity_runs, name):
+    """Accumulation 2 on 2 ranks, the default weight decay (norm weights spared): losses and final weights within
+    1e-5 of plain PyTorch doing the same update in one process."""
+    assert_matches_reference(parity_runs[name], decay_norms=False)
+
+
+@pytest.mark.parametrize("engine,config", [("deepspeed", "zero3.json"), ("fsdp", "fsdp.yaml")])
+def test_engines_match_a_plain_pytorch_reference_without_accumulation_decaying_everything(
+    assets, tmp_path, engine, config
+):
+    """Accumulation 1 on 2 ranks, ``weight_decay_exclude: []`` (every weight decayed)."""
+    out = tmp_path / engine
+    train = {"max_steps": 5, "global_batch_size": 4, "weight_decay_exclude": []}
+    tree = tiny_recipe(assets, out, train=train, eval={"sets": {}},
+                       parallel={"engine": engine, "config": config, "nproc_per_node": 2})  # fmt: skip
+    cpt("run", str(write_recipe(tmp_path / "r.yaml", tree)))
+    assert_matches_reference(out, decay_norms=True)
+
+
 def test_resume_continues_the_uninterrupted_run(assets, tmp_path):
     """3 steps, stop, rerun to 6: steps 4-6 equal an uninterrupted 6-step run (optimizer, data position and RNG
     all restored). The schedule is constant here because a cosine schedule depends on max_steps itself."""
