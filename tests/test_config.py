@@ -218,8 +218,8 @@ def _float_paths(tp=Recipe, prefix: tuple = ()) -> list[tuple]:
     for f in dataclasses.fields(tp):
         hint = typing.get_type_hints(tp)[f.name]
         args = [a for a in typing.get_args(hint) if a is not type(None)]
-        if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 1:
-            hint = args[0]
+        if typing.get_origin(hint) in (typing.Union, types.UnionType) and (len(args) == 1 or float in args):
+            hint = args[0]  # float | {int: float}: a number, or a schedule of numbers
         origin, args = typing.get_origin(hint), typing.get_args(hint)
         here = (*prefix, f.name)
         if hint is float or (origin is list and args[0] is float):
@@ -242,8 +242,9 @@ def _get(obj, path: tuple):
 def test_every_float_field_reads_scientific_notation_in_a_recipe_file(tmp_path):
     paths = _float_paths()
     assert {("train", "lr"), ("train", "eps"), ("train", "betas"), ("data", "train", 0, "weight")} <= set(paths)
+    # (a WSD schedule, whose decay_fraction is a float field too)
     tree = {"model": {"name_or_path": "org/m"}, "data": {"train": [{"path": "org/d"}]},
-            "eval": {"sets": {"x": {"path": "org/e"}}}}  # fmt: skip
+            "eval": {"sets": {"x": {"path": "org/e"}}}, "train": {"schedule": "wsd"}}  # fmt: skip
     for path in paths:
         node = tree
         for k in path[:-1]:

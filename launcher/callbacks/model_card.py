@@ -163,17 +163,27 @@ def _front_matter(r: Recipe) -> str:
     return yaml.safe_dump(meta, sort_keys=False)
 
 
+def _weight(weight: float | dict[int, float], sources: list[SourceConfig]) -> str:
+    """A source's weight with its share of the mixture, or its schedule over the steps."""
+    if isinstance(weight, dict):
+        return "weight " + ", ".join(f"{w:g} at step {step:,}" for step, w in weight.items()) + " (linear between)"
+    numbers = [s.weight for s in sources if not isinstance(s.weight, dict)]
+    if len(numbers) < len(sources):  # next to a schedule, a share of the mixture changes over the steps
+        return f"weight {weight:g}"
+    return f"weight {weight:g} ({100 * weight / (sum(numbers) or 1.0):.0f}%)"
+
+
 def _training_rows(run: RunInfo, last_step: int, tokens_seen: int) -> list[tuple[str, str]]:
     r = run.recipe
     t = r.train
-    total_weight = sum(s.weight for s in r.data.train) or 1.0
     sources = "<br>".join(
-        f"{_source(s)}, weight {s.weight:g} ({100 * s.weight / total_weight:.0f}%)"
+        f"{_source(s)}, {_weight(s.weight, r.data.train)}"
         + (f", first {s.holdout_documents:,} documents held out as eval set {label}" if s.holdout_documents else "")
         for label, s in zip(source_labels(r.data.train), r.data.train)
     )
     rows = [
         ("Base model", f"`{redact_text(r.model.name_or_path)}`" if r.model.name_or_path else "none (from scratch)"),
+        *([("Initialised from", _init_from(r))] if r.model.init_from else []),
         ("Parameters", f"{run.n_params:,}"),
         ("Training data", sources or "none"),
         ("Steps", f"{last_step:,}" + (f" (resumed from step {run.start_step:,})" if run.resumed else "")),
@@ -193,6 +203,13 @@ def _training_rows(run: RunInfo, last_step: int, tokens_seen: int) -> list[tuple
         ("Precision", _precision(r)),
     ]
     return rows
+
+
+def _init_from(r: Recipe) -> str:
+    """Where the starting weights came from (``model.init_from``) and what else was taken from there."""
+    m = r.model
+    taken = ["weights", *(["optimizer state"] if m.init_optimizer else []), *(["data position"] if m.init_data else [])]
+    return f"`{redact_text(m.init_from or '')}`: {', '.join(taken)}"
 
 
 def _source(s: SourceConfig) -> str:

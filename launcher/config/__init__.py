@@ -23,6 +23,7 @@ from .schema import (
     has_glob,
     source_kind,
     source_labels,
+    weight_at,
 )
 from .validate import build, check_values, eval_overlap_warnings
 
@@ -52,4 +53,5 @@ __all__ = [
     "source_labels",
     "to_dict",
     "to_yaml",
+    "weight_at",
 ]

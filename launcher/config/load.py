@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ..redact import redact_values
 from .schema import DS_CONFIG_DIR, ENGINE_CONFIG_FILES, FsdpConfig, ParallelConfig, Recipe, SourceConfig, source_kind
@@ -71,7 +71,12 @@ def _retag(node: yaml.Node, tp: Any) -> None:
     scientific notation is a float, except where the schema wants a string; there a plain number keeps its text
     (``007`` stays ``007``, not 7)."""
     if isinstance(node, yaml.MappingNode):
+        numbered = any(
+            typing.get_origin(a) is dict and typing.get_args(a)[0] is int for a in (tp, *typing.get_args(tp))
+        )
         for k, v in node.value:
+            if numbered:  # a schedule's steps: ``{0: 0.5, 2e3: 0.1}``
+                _retag(k, int)
             _retag(v, _child_type(tp, k.value) if isinstance(k, yaml.ScalarNode) else None)
     elif isinstance(node, yaml.SequenceNode):
         for item in node.value:
@@ -217,6 +222,60 @@ def parse_overrides(overrides: list[str], problems: list[str]) -> DictConfig:
         return OmegaConf.create({})
 
 
+def _list_item_key(key: str) -> list[tuple[str, bool]] | None:
+    """The parts of an override key that reaches into an item of a list of the schema (``data.train.0.weight``
+    or ``data.train[0].weight``), each with whether it indexes a list; None for any other key."""
+    parts, tp, into = [], Recipe, False
+    for part in re.findall(r"[^.\[\]]+", key):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(args) == 1:
+            tp = args[0]
+        index = typing.get_origin(tp) is list
+        into = into or index
+        parts.append((part, index))
+        tp = _child_type(tp, part)
+        if tp is None:
+            break
+    return parts if into else None
+
+
+def _set_list_item(tree: DictConfig, override: str, problems: list[str]) -> None:
+    """Apply ``key=value`` where the key reaches into a list item (``data.train.0.weight='{0: 0.5, 100: 0.1}'``)
+    to the merged tree: a merge of dotted overrides would replace the list by a mapping. The item must exist."""
+    key, _, _ = override.partition("=")
+    parts = _list_item_key(key)
+    assert parts is not None
+    try:
+        problem = _missing_item(tree, parts)
+        if problem:
+            problems.append(f"{key}: {problem}")
+            return
+        value: Any = OmegaConf.to_container(OmegaConf.from_dotlist([_keep_text(override)]), resolve=False)
+        for part, _ in parts:
+            value = value[part]
+        OmegaConf.update(tree, ".".join(p for p, _ in parts), value, merge=False)
+    except Exception as e:  # OmegaConf raises several grammar and structure errors
+        problems.append(f"override {override!r}: {e}".replace("\n", " "))
+
+
+def _missing_item(tree: DictConfig, parts: list[tuple[str, bool]]) -> str | None:
+    """Why the list item that ``parts`` (see :func:`_list_item_key`) names is not in ``tree``, or None."""
+    node: Any = tree
+    for i, (part, index) in enumerate(parts):
+        if not any(x for _, x in parts[i:]):
+            return None  # the rest are keys, which the update creates where missing
+        where = ".".join(p for p, _ in parts[:i])
+        if index and not isinstance(node, ListConfig):
+            return f"{where} is not a list in this recipe, so it has no item {part}; set the whole list"
+        if index and not (part.isdigit() and int(part) < len(node)):
+            return f"{where} has {len(node)} item(s), numbered from 0; to add one, set the whole list"
+        if not index and not (isinstance(node, DictConfig) and part in node):
+            what = ".".join(p for p, _ in parts[: i + 1])
+            return f"{what} is not in this recipe, so it has no items; set the whole list"
+        node = node[int(part)] if index else node[part]
+    return None
+
+
 def _check_no_interpolation(node: Any, key: str, problems: list[str]) -> None:
     """Recipes are data: ``${...}`` interpolations and resolvers are not evaluated."""
     if isinstance(node, dict):
@@ -230,12 +289,16 @@ def _check_no_interpolation(node: Any, key: str, problems: list[str]) -> None:
 
 
 def read_tree(path: Path, overrides: list[str], problems: list[str]) -> dict[str, Any]:
-    """The merged recipe tree of ``path`` (which exists) and ``overrides``, as plain Python data."""
+    """The merged recipe tree of ``path`` (which exists) and ``overrides``, as plain Python data. An override of an
+    item of a list (``data.train.0.weight=2``) is applied after the others, to the item the merged tree has."""
     tree = _load_recipe_tree(path, problems)
-    cli = parse_overrides(overrides, problems)
+    items = [o for o in overrides if "=" in o and _list_item_key(o.partition("=")[0]) is not None]
+    cli = parse_overrides([o for o in overrides if o not in items], problems)
     # The engine config is named by the recipe or an override, and merges between the two.
     engine_cfg = _load_engine_config(_merge([tree, cli], [], "overrides"), problems)
     merged = _merge([tree, engine_cfg, cli], problems, "overrides")
+    for o in items:
+        _set_list_item(merged, o, problems)
     raw = OmegaConf.to_container(merged, resolve=False)
     assert isinstance(raw, dict)
     _check_no_interpolation(raw, "", problems)

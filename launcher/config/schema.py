@@ -41,10 +41,27 @@ class SourceConfig:
     """Split to read."""
     text_field: str = "text"
     """Column holding the document text (ignored for .txt files, where each line is a document)."""
-    weight: float = 1.0
+    weight: float | dict[int, float] = 1.0
     """Relative share of the training tokens when several training sources are mixed. Each reader takes its next
     document from the source furthest below its share so far, so the proportions in tokens follow the weights
-    within about one document, whatever the document lengths (logged as ``data/mix/<label>``)."""
+    within about one document, whatever the document lengths (logged as ``data/mix/<label>``).
+
+    A schedule over the optimizer steps instead of a number: ``{step: weight, ...}``, e.g. ``{0: 0.5, 2000: 0.1}``
+    on the general data (replay falling from 0.5 to 0.1) and ``{0: 0.5, 2000: 0.9}`` on the domain data. Between two
+    given steps the weight is linear; before the first it is the first value, after the last the last. Steps are
+    whole numbers >= 0 in increasing order, counted from 0 (step ``s`` is the update logged as step ``s + 1``);
+    weights are >= 0 (a source may rest at 0), and at every step some training source's weight is above 0. A number
+    next to schedules is a constant weight. At each step the weights are normalised over the sources; each reader
+    keeps a target per source that grows, with every document drawn, by the document's tokens times the source's
+    normalised weight at the step of the batch being filled, and draws next from the source furthest below its
+    target: the tokens drawn over any stretch of steps follow the mean weights over it, within about one document
+    per reader. On the command line: ``data.train.0.weight='{0: 0.5, 2000: 0.1}'`` (a space after each colon).
+    Under ``data.stopping: token_budget`` (budgets split by weight, fixed for a pass) the weights must be numbers.
+    Eval sets ignore the weight.
+
+    With a schedule the log also shows, at each logged step, ``data/weight/<label>``: each source's weight at that
+    step, normalised over the sources; and ``data/mix_recent/<label>``: each source's share of the tokens consumed
+    since the previous logged step, next to the cumulative ``data/mix/<label>``. Without one, neither is logged."""
     token_budget: int | None = None
     """Tokens this source supplies per pass, over all ranks, under ``data.stopping: token_budget``. Set it on
     every training source, or set ``data.token_budget`` instead to split one total by the weights."""
@@ -58,6 +75,20 @@ class SourceConfig:
     reads them; they are evaluated as one more eval set, named after the source's ``label``, at the same steps
     and with the same ``eval.max_blocks`` as ``eval.sets``. An eval set naming a training source without this
     measures how well the model fits its own training data, not how it generalises."""
+
+
+def weight_at(weight: float | dict[int, float], step: int) -> float:
+    """A source's ``weight`` at optimizer step ``step`` (counted from 0): the number itself, or the schedule
+    ``{step: weight}`` (in increasing steps) read linearly between its steps and held flat outside them."""
+    if not isinstance(weight, dict):
+        return weight
+    points = list(weight.items())
+    if step <= points[0][0]:
+        return points[0][1]
+    for (s0, w0), (s1, w1) in zip(points, points[1:]):
+        if step <= s1:
+            return w0 + (w1 - w0) * (step - s0) / (s1 - s0)
+    return points[-1][1]
 
 
 def source_kind(path: str) -> str:
@@ -115,16 +146,20 @@ class ModelConfig:
     saved on any world size) or a Hugging Face model directory such as its ``final/``, in place of the weights of
     ``name_or_path`` (or the random start of ``from_config``), which still say what the model is: the weights must
     be of that architecture. The schedule starts afresh (step 0; ``train.warmup_steps`` re-warms): the annealing
-    branch of a WSD run, or the next stage of a curriculum, in one recipe that extends the first. A checkpoint in
-    this run's own ``output_dir`` still takes precedence: a restarted branch resumes itself."""
+    branch of a WSD run, or the next stage of a curriculum, in one recipe that extends the first. A checkpoint must
+    come from this recipe's ``parallel.engine``; to start from another engine's, export it (``cpt export CKPT DIR``)
+    and init from ``DIR``. A checkpoint in this run's own ``output_dir`` still takes precedence: a restarted branch
+    resumes itself, and ``init_from`` is then not read."""
     init_optimizer: bool = False
     """With ``init_from`` a checkpoint of the same engine: also take its optimizer state (Adam's moments and step
     count), so the branch continues the update of the run it came from. The learning rate, betas, epsilon and
-    weight decay are this recipe's."""
+    weight decay are this recipe's; its parameter groups (``train.weight_decay_exclude``, ``train.trainable``) must
+    be those of the run it came from."""
     init_data: bool = False
-    """With ``init_from`` a checkpoint: continue its data stream where that run stood (its sources, seq_len, seed
-    and data layout must be this recipe's), rather than reading the data from the start. A branch with
-    ``init_optimizer`` and ``init_data`` trains step for step as the run it came from would have."""
+    """With ``init_from`` a checkpoint: continue its data stream where that run stood, and its random state (its
+    sources, seq_len, seed and data layout must be this recipe's; on another world size the position is re-divided
+    among the ranks), rather than reading the data from the start. The step count and tokens seen still start at
+    0. A branch with ``init_optimizer`` and ``init_data`` trains step for step as the run it came from would have."""
     add_tokens: list[str] = field(default_factory=list)
     """Tokens to add to the tokenizer as whole tokens (each becomes one id). The embedding matrices grow to the new
     vocabulary, padded to a multiple of 64; each new row (input and output embeddings) starts as the mean of the

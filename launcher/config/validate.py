@@ -17,7 +17,16 @@ import typing
 from fnmatch import fnmatch
 from typing import Any, Literal
 
-from .schema import PREEMPT_SIGNALS, DataConfig, Recipe, SourceConfig, has_glob, source_kind, source_labels
+from .schema import (
+    PREEMPT_SIGNALS,
+    DataConfig,
+    Recipe,
+    SourceConfig,
+    has_glob,
+    source_kind,
+    source_labels,
+    weight_at,
+)
 
 
 def _type_name(tp: Any) -> str:
@@ -28,11 +37,23 @@ def _type_name(tp: Any) -> str:
         return " | ".join(_type_name(a) for a in typing.get_args(tp))
     if tp is type(None):
         return "null"
+    if origin is dict:
+        return "{" + ": ".join(_type_name(a) for a in typing.get_args(tp)) + "}"
     return getattr(tp, "__name__", str(tp))
 
 
 def _is_container(tp: Any) -> bool:
     return dataclasses.is_dataclass(tp) or typing.get_origin(tp) in (list, dict)
+
+
+def _has_shape(tp: Any, value: Any) -> bool:
+    """Whether ``value`` is the kind of thing ``tp`` is (a mapping, a list, or a single value), to pick among the
+    alternatives of a union such as ``float | dict[int, float]``."""
+    if dataclasses.is_dataclass(tp) or typing.get_origin(tp) is dict:
+        return isinstance(value, dict)
+    if typing.get_origin(tp) is list:
+        return isinstance(value, list)
+    return not isinstance(value, (dict, list))
 
 
 def _elsewhere(name: str) -> list[str]:
@@ -56,6 +77,12 @@ def build(tp: Any, value: Any, key: str, problems: list[str]) -> Any:
         inner = [a for a in args if a is not type(None)]
         if len(inner) == 1:
             return build(inner[0], value, key, problems)
+        # A number or a schedule of numbers, say: the alternative of the value's shape.
+        shaped = [a for a in inner if _has_shape(a, value)]
+        if shaped:
+            return build(shaped[0], value, key, problems)
+        problems.append(f"{where}: expected {_type_name(tp)}, got {value!r}")
+        return None
     if origin is Literal:
         if value in args:
             return value
@@ -96,6 +123,8 @@ def build(tp: Any, value: Any, key: str, problems: list[str]) -> Any:
         if not isinstance(value, dict):
             problems.append(f"{where}: expected a mapping, got {value!r}")
             return {}
+        if args[0] is not str:
+            return _build_keyed(args, value, key, problems)
         # A null entry removes what an extended recipe defined (e.g. ``eval.sets.fineweb=null``).
         return {str(k): build(args[1], v, f"{key}.{k}", problems) for k, v in value.items() if v is not None}
     if tp is Any:
@@ -121,6 +150,24 @@ def build(tp: Any, value: Any, key: str, problems: list[str]) -> Any:
     return None
 
 
+def _build_keyed(args: tuple[Any, Any], value: dict[Any, Any], key: str, problems: list[str]) -> dict[Any, Any]:
+    """A mapping whose keys are not names (``{step: weight}``): keys and values converted, order kept."""
+    out = {}
+    for k, v in value.items():
+        if v is None:
+            # ``{0:0.5}`` without the space reads as one value, 0:0.5 (a YAML 1.1 base-60 number), with no value.
+            problems.append(
+                f"{key}: {k!r} has no value; write each entry as `key: value`, with a space after the colon"
+            )
+            continue
+        before = len(problems)
+        built_key = build(args[0], k, f"{key} (key {k!r})", problems)
+        built = build(args[1], v, f"{key}.{k}", problems)
+        if len(problems) == before:
+            out[built_key] = built
+    return out
+
+
 def check_values(r: Recipe) -> list[str]:
     """Problems with the values of ``r`` that the recipe alone shows."""
     problems: list[str] = []
@@ -136,6 +183,9 @@ def check_values(r: Recipe) -> list[str]:
         "model: set exactly one of model.name_or_path (continue from weights) and model.from_config "
         "(train from scratch)",
     )
+    if not m.init_from:
+        for key, on in (("model.init_optimizer", m.init_optimizer), ("model.init_data", m.init_data)):
+            need(not on, f"{key}: takes its state from the checkpoint model.init_from names; set model.init_from")
     if m.from_config and not m.tokenizer and m.from_config.endswith(".json"):
         problems.append("model.tokenizer: required when model.from_config is a config.json file")
     need(m.checkpoint_every > 0, f"model.checkpoint_every: must be positive, got {m.checkpoint_every}")
@@ -152,6 +202,7 @@ def check_values(r: Recipe) -> list[str]:
     for name, s in r.eval.sets.items():
         _check_source(s, f"eval.sets.{name}", problems, train=False)
     _check_budgets(d, problems)
+    _check_weights(d, problems)
     labels = [s.label for s in d.train if s.label]
     for label in sorted({x for x in labels if labels.count(x) > 1}):
         problems.append(f"data.train: label {label!r} names more than one source; labels must be unique")
@@ -248,7 +299,9 @@ def _check_schedule(r: Recipe, problems: list[str]) -> None:
 def _check_source(s: SourceConfig, key: str, problems: list[str], *, train: bool = True) -> None:
     if not s.path:
         problems.append(f"{key}.path: must not be empty")
-    if not (s.weight > 0 and math.isfinite(s.weight)):
+    if isinstance(s.weight, dict):
+        problems += _schedule_problems(s.weight, f"{key}.weight")
+    elif not (s.weight > 0 and math.isfinite(s.weight)):
         problems.append(f"{key}.weight: must be a positive number, got {s.weight}")
     if not s.text_field:
         problems.append(f"{key}.text_field: must not be empty")
@@ -268,8 +321,40 @@ def _check_source(s: SourceConfig, key: str, problems: list[str], *, train: bool
         problems.append(f"{key}.holdout_documents: must be >= 0, got {s.holdout_documents}")
 
 
+def _schedule_problems(schedule: dict[int, float], key: str) -> list[str]:
+    """What is wrong with a weight schedule ``{step: weight}``: steps >= 0 in increasing order, weights >= 0."""
+    if not schedule:
+        return [f"{key}: an empty schedule; give a number or {{step: weight, ...}}"]
+    problems = [f"{key}: step {step} must be >= 0" for step in schedule if step < 0]
+    steps = list(schedule)
+    problems += [f"{key}: steps must increase: {a} then {b}" for a, b in zip(steps, steps[1:]) if b <= a]
+    problems += [
+        f"{key}: the weight at step {step} must be a number >= 0, got {w}"
+        for step, w in schedule.items()
+        if not (w >= 0 and math.isfinite(w))
+    ]
+    return problems
+
+
+def _check_weights(d: DataConfig, problems: list[str]) -> None:
+    """With weight schedules, the training sources' weights add up to more than 0 at every step: the sum is linear
+    between the steps any schedule names and flat outside them, so those steps are where it is smallest."""
+    weights = [s.weight for s in d.train]
+    schedules = [w for w in weights if isinstance(w, dict)]
+    if not schedules or any(_schedule_problems(w, "") for w in schedules):
+        return
+    for step in sorted({step for w in schedules for step in w}):
+        if sum(weight_at(w, step) for w in weights) <= 0:
+            problems.append(
+                f"data.train: the weights of all training sources are 0 at step {step}; at every step some source "
+                "needs a weight above 0"
+            )
+            return
+
+
 def _check_budgets(d: DataConfig, problems: list[str]) -> None:
-    """Token budgets are set in exactly one way, and only under ``stopping: token_budget``."""
+    """Token budgets are set in exactly one way, and only under ``stopping: token_budget``, where the weights are
+    numbers (the budgets of a pass are fixed for the pass)."""
     own = [i for i, s in enumerate(d.train) if s.token_budget is not None]
     if d.token_budget is not None and d.token_budget <= 0:
         problems.append(f"data.token_budget: must be positive, got {d.token_budget}")
@@ -291,6 +376,13 @@ def _check_budgets(d: DataConfig, problems: list[str]) -> None:
         problems.append(
             f"data.stopping: token_budget needs data.token_budget, or token_budget on every source ({missing} has none)"
         )
+    for i, s in enumerate(d.train):
+        if isinstance(s.weight, dict):
+            problems.append(
+                f"data.train[{i}].weight: a schedule does not work with data.stopping=token_budget, where each pass "
+                "draws fixed token budgets (data.token_budget is split by the weights); give a number, or choose "
+                "another data.stopping"
+            )
 
 
 def eval_overlap_warnings(r: Recipe) -> list[str]:

@@ -7,6 +7,10 @@ in the current pass; and, for each document cut by the end of a batch, where it 
 A restore re-reads (without tokenizing) at most one file per source up to the saved position, and re-tokenizes
 the cut documents. After a re-division (:mod:`launcher.data.reshard`) the state also holds, per source, the
 explicit list of spans the reader reads in its current pass over it, in place of its parts.
+
+With a weight schedule (``SourceConfig.weight`` a ``{step: weight}`` mapping) the state also holds each source's
+target in tokens for the current pass (``targets``) and the rank micro-batch its next batch is (``micro``): the
+step of a batch, and so the weights it is drawn at, follow from it. States without them are of plain weights.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from launcher.config import weight_at
 from launcher.data.packing import Packer
 from launcher.data.readers import OpenedSource, Position, SourceReader
 from launcher.data.sharding import Span
@@ -52,8 +57,22 @@ class Mixture:
         self.spec = spec
         self.num_readers = num_readers
         self.what = what
-        total = sum(s.config.weight for s in sources)
-        self.weights = [s.config.weight / total for s in sources]
+        self.schedules = [s.config.weight for s in sources]
+        self.scheduled = any(isinstance(w, dict) for w in self.schedules)
+        """Some weight is a schedule over the steps: the sources are then chosen by their targets."""
+        plain = [w for w in self.schedules if not isinstance(w, dict)]
+        self.weights = [] if self.scheduled else [w / sum(plain) for w in plain]
+        """The normalised weights, when none is a schedule."""
+        self.slots = max(1, num_readers // spec.world_size)
+        """DataLoader workers of this reader's rank: the rank's batches are dealt out to them round-robin."""
+        self.worker = reader % self.slots
+        self.micro = self.worker
+        """The rank's micro-batch (from 0) that this reader's next batch is: its step is ``micro // grad_accum``."""
+        self.targets = [0.0] * len(sources)
+        """With a schedule: the tokens each source should have given in this pass, its normalised weight at the
+        step of each batch summed over the tokens drawn for it."""
+        self._shares: tuple[int, list[float]] = (-1, [])
+        """(step, the normalised weights at that step), for the step being drawn."""
         self.budgets = reader_budgets(spec.budgets, num_readers)
         """This reader's share of each source's budget."""
         self.pass_ = 0
@@ -80,6 +99,9 @@ class Mixture:
         explicit = {k: e for k, e in self._explicit.items() if self.readers[int(k)].explicit is not None}
         if explicit:
             state["explicit"] = explicit
+        if self.scheduled:
+            state["targets"] = list(self.targets)
+            state["micro"] = self.micro
         return state
 
     def restore(self, state: dict[str, Any]) -> None:
@@ -87,6 +109,8 @@ class Mixture:
         self.pass_tokens = int(state["pass_tokens"])
         self.batches = int(state["batches"])
         self.src = [SourceState(c, p, d, t, bool(done)) for c, p, d, t, done in state["sources"]]
+        self.micro = int(state.get("micro", self.batches * self.slots + self.worker))
+        self.targets = [float(t) for t in state.get("targets", [s.tokens for s in self.src])]
         explicit = state.get("explicit") or {}
         for i, reader in enumerate(self.readers):
             e = explicit.get(str(i))
@@ -106,15 +130,17 @@ class Mixture:
 
     # -- batches
 
-    def batches_forever(self) -> Iterator[tuple[list[int], list[int]]]:
-        """(token ids of one micro-batch, tokens per source in it), forever."""
+    def batches_forever(self) -> Iterator[tuple[list[int], list[int], int]]:
+        """(token ids of one micro-batch, tokens per source in it, its optimizer step), forever."""
         need = self.spec.batch_tokens
         while True:
             while self.packer.size < need:
                 self._draw()
-            batch = self.packer.cut(need)
+            ids, counts = self.packer.cut(need)
+            step = self.micro // self.spec.grad_accum
             self.batches += 1
-            yield batch
+            self.micro += self.slots
+            yield ids, counts, step
 
     def _draw(self) -> None:
         """Draw one document into the packer, ending cycles and passes as the stopping rule says."""
@@ -144,7 +170,23 @@ class Mixture:
             budgets = self.budgets
             active = [i for i, s in enumerate(self.src) if not s.done]
             return min(active, key=lambda i: (self.src[i].tokens / budgets[i], i))
+        if self.scheduled:
+            # Furthest behind its target, among the sources whose weight at this step is above 0.
+            shares = self._shares_now()
+            drawing = [i for i, share in enumerate(shares) if share > 0]
+            return max(drawing, key=lambda i: (self.targets[i] - self.src[i].tokens, -i))
         return min(range(len(self.src)), key=lambda i: (self.src[i].tokens / self.weights[i], i))
+
+    def _shares_now(self) -> list[float]:
+        """The sources' normalised weights at the step of the batch being filled."""
+        step = self.micro // self.spec.grad_accum
+        if self._shares[0] != step:
+            weights = [weight_at(w, step) for w in self.schedules]
+            total = sum(weights)
+            if total <= 0:
+                raise DataError(f"{self.what}: the weights of all sources are 0 at step {step}")
+            self._shares = (step, [w / total for w in weights])
+        return self._shares[1]
 
     def _restart(self, s: int) -> None:
         st = self.src[s]
@@ -185,6 +227,9 @@ class Mixture:
         st = self.src[s]
         st.tokens += n
         self.pass_tokens += n
+        if self.scheduled:
+            for i, share in enumerate(self._shares_now()):
+                self.targets[i] += n * share
         if self.budgets is not None and st.tokens >= self.budgets[s]:
             st.done = True
             if all(x.done for x in self.src):
@@ -205,6 +250,7 @@ class Mixture:
         self.pass_tokens = 0
         for x in self.src:
             x.tokens, x.done = 0, False
+        self.targets = [0.0] * len(self.src)
 
 
 def reader_budgets(budgets: tuple[int, ...] | None, num_readers: int) -> list[int] | None:
@@ -220,11 +266,24 @@ def _ints(values: Any, n: int) -> bool:
     )
 
 
+def _numbers(values: Any, n: int) -> bool:
+    return (
+        isinstance(values, list)
+        and len(values) == n
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < math.inf for v in values)
+    )
+
+
 def valid_reader_state(state: Any, n_sources: int) -> bool:
-    """Whether ``state`` has the shape :meth:`Mixture.state` gives (so :meth:`Mixture.restore` can take it)."""
+    """Whether ``state`` has the shape :meth:`Mixture.state` gives (so :meth:`Mixture.restore` can take it), with or
+    without the targets and micro-batch of a weight schedule."""
     if not isinstance(state, dict):
         return False
     if not all(isinstance(state.get(k), int) for k in ("pass", "pass_tokens", "batches")):
+        return False
+    if "targets" in state and not _numbers(state["targets"], n_sources):
+        return False
+    if "micro" in state and not _ints([state["micro"]], 1):
         return False
     sources, pending, explicit = state.get("sources"), state.get("pending"), state.get("explicit", {})
     if not (

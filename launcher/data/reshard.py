@@ -24,7 +24,10 @@ starts in the earliest pass any old reader was in, with an even share of the tok
 each source in that pass (under ``token_budget``, an old reader already in a later pass counts its whole share of
 that pass as drawn). A source counts as run out in that pass (``all_exhausted``) if every old reader in the pass
 had run out of it, or as at its budget (``token_budget``) if the new reader's share of the tokens reaches its
-share of the budget.
+share of the budget. With a weight schedule, each new reader also gets an even share of the old readers' targets
+in that pass (so a source behind or ahead of its schedule stays so, on average), and the rank micro-batch its
+next batch is: the first of the step the old ranks had reached (the micro-batches they had consumed, over all of
+them, divided by those of a step), so the schedule goes on at the step the run is at.
 """
 
 from __future__ import annotations
@@ -121,11 +124,19 @@ def open_divisions(sources: list[OpenedSource], states: Sequence[dict[str, Any] 
 
 
 def redivide(
-    old: list[dict[str, Any]], num_readers: int, *, shards: Sequence[int], spec: StreamSpec
+    old: list[dict[str, Any]],
+    num_readers: int,
+    *,
+    shards: Sequence[int],
+    spec: StreamSpec,
+    old_workers: int = 1,
+    old_accum: int = 1,
 ) -> list[dict[str, Any]]:
     """The states of ``num_readers`` new readers (``Mixture.state``) that continue the position of the old readers
     ``old`` (in reader order), as the module describes. ``shards``: how many shards the old readers divided each
-    source into; ``spec``: the stream's settings, which must be the old ones but for the number of readers."""
+    source into; ``spec``: the stream's settings, which must be the old ones but for the number of readers (and
+    of micro-batches per step); ``old_workers``: the readers of each old rank; ``old_accum``: their micro-batches
+    per step."""
     n = len(shards)
     last = [max(state["sources"][i][0] for state in old) for i in range(n)]
     spans: list[list[list[Span]]] = [[[] for _ in range(n)] for _ in range(num_readers)]
@@ -149,7 +160,7 @@ def redivide(
                 dealt += 1
     counters = _counters(old, num_readers, spec)
     batches = sum(state["batches"] for state in old) // num_readers
-    return [
+    states: list[dict[str, Any]] = [
         {
             "pass": pass_,
             "pass_tokens": sum(tokens),
@@ -158,8 +169,25 @@ def redivide(
             "pending": pending[j],
             "explicit": {str(i): {"cycle": last[i], "parts": [s.to_list() for s in spans[j][i]]} for i in range(n)},
         }
-        for j, (pass_, tokens, done) in enumerate(counters)
+        for j, (pass_, tokens, done, _) in enumerate(counters)
     ]
+    if any("targets" in state for state in old):  # a weight schedule
+        slots = max(1, num_readers // spec.world_size)
+        steps = _consumed(old, old_workers) // (len(old) // old_workers * old_accum)
+        for j, (state, (*_, targets)) in enumerate(zip(states, counters)):
+            # The new rank's DataLoader asks its worker 0 first, for the first micro-batch of step `steps`.
+            state.update(targets=targets, micro=steps * spec.grad_accum + j % slots)
+    return states
+
+
+def _consumed(old: list[dict[str, Any]], old_workers: int) -> int:
+    """The micro-batches every old rank had consumed, summed over the ranks. A rank's readers take its micro-batches
+    in turn, so the one it consumes next is the least of its readers' next ones."""
+    total = 0
+    for first in range(0, len(old), old_workers):
+        readers = old[first : first + old_workers]
+        total += min(state.get("micro", state["batches"] * old_workers + w) for w, state in enumerate(readers))
+    return total
 
 
 def _spans(
@@ -190,12 +218,17 @@ def _leftovers(
     return out
 
 
-def _counters(old: list[dict[str, Any]], num_readers: int, spec: StreamSpec) -> list[tuple[int, list[int], list[bool]]]:
-    """(pass, tokens drawn per source in it, sources run out or at their budget in it) of each new reader."""
+def _counters(
+    old: list[dict[str, Any]], num_readers: int, spec: StreamSpec
+) -> list[tuple[int, list[int], list[bool], list[float]]]:
+    """(pass, tokens drawn per source in it, sources run out or at their budget in it, targets per source in it
+    under a weight schedule) of each new reader."""
     n = len(old[0]["sources"])
     first = min(state["pass"] for state in old)
     current = [state for state in old if state["pass"] == first]
     totals = [sum(state["sources"][i][3] for state in current) for i in range(n)]
+    # A state without targets (a reader that had not given a batch) is on target.
+    aims = [sum(state.get("targets", [s[3] for s in state["sources"]])[i] for state in current) for i in range(n)]
     old_budgets, budgets = reader_budgets(spec.budgets, len(old)), reader_budgets(spec.budgets, num_readers)
     if old_budgets is not None:
         totals = [t + (len(old) - len(current)) * b for t, b in zip(totals, old_budgets)]
@@ -209,7 +242,7 @@ def _counters(old: list[dict[str, Any]], num_readers: int, spec: StreamSpec) -> 
         else:
             done = [False] * n
         if all(done):  # the new reader's share of this pass is drawn already
-            out.append((first + 1, [0] * n, [False] * n))
+            out.append((first + 1, [0] * n, [False] * n, [0.0] * n))
         else:
-            out.append((first, tokens, done))
+            out.append((first, tokens, done, [a / num_readers for a in aims]))
     return out

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from launcher.config import SourceConfig
+from launcher.config import SourceConfig, weight_at
 
 STOPPING_RULES = ("all_exhausted", "first_exhausted", "token_budget")
 
@@ -29,6 +29,9 @@ class StreamSpec:
     budgets: tuple[int, ...] | None = None
     """Under ``stopping: token_budget``, the tokens of each source per pass over all readers; else None."""
     document_masking: bool = False
+    grad_accum: int = 1
+    """Micro-batches of a rank per optimizer step: batch ``m`` of a rank (from 0) is of step ``m // grad_accum``,
+    which is what a weight schedule (``SourceConfig.weight``) is read at."""
 
     def __post_init__(self) -> None:
         if self.seq_len <= 0:
@@ -37,6 +40,8 @@ class StreamSpec:
             raise ValueError(f"micro_batch_size must be positive, got {self.micro_batch_size}")
         if self.world_size <= 0 or not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank must be within [0, world_size), got rank={self.rank}, world_size={self.world_size}")
+        if self.grad_accum <= 0:
+            raise ValueError(f"grad_accum must be positive, got {self.grad_accum}")
         if self.shuffle_buffer < 0:
             raise ValueError(f"shuffle_buffer must be >= 0, got {self.shuffle_buffer}")
         if self.stopping not in STOPPING_RULES:
@@ -57,8 +62,9 @@ def budgets_of(sources: Sequence[SourceConfig], stopping: str, token_budget: int
     if stopping != "token_budget":
         return None
     if token_budget is not None:
-        total = sum(s.weight for s in sources)
-        return tuple(max(1, round(token_budget * s.weight / total)) for s in sources)
+        weights = [weight_at(s.weight, 0) for s in sources]  # numbers: the recipe check refuses schedules here
+        total = sum(weights)
+        return tuple(max(1, round(token_budget * w / total)) for w in weights)
     own = []
     for s in sources:
         assert s.token_budget is not None, "the recipe check requires a token_budget on every source"

@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from launcher.compat import shutdown_dataloader_workers
-from launcher.config import DataConfig, SourceConfig, source_labels
+from launcher.config import DataConfig, SourceConfig, source_labels, weight_at
 from launcher.data.mixture import Mixture, valid_reader_state
 from launcher.data.packing import document_position_ids, eos_id_of
 from launcher.data.readers import OpenedSource, open_training_source
@@ -44,7 +44,9 @@ logger = logging.getLogger(__name__)
 
 STATE_VERSION = 3
 """Of the format of ``TrainStream.state_dict`` and of the reader states in it. Version 3 added the explicit lists
-of spans of a re-divided position; a version 2 state is a version 3 state without them."""
+of spans of a re-divided position; a version 2 state is a version 3 state without them. The keys added since are
+optional (a weight schedule's ``targets`` and ``micro`` in the reader states, ``logged_tokens``): a state without
+them loads as before."""
 
 READABLE_VERSIONS = (2, 3)
 
@@ -150,7 +152,7 @@ class _RankShare(IterableDataset):
         saved = None if self.replay else self.states[worker]
         if saved is not None:
             mixture.restore(saved)
-        for ids, counts in mixture.batches_forever():
+        for ids, counts, step in mixture.batches_forever():
             if skip:
                 skip -= 1
                 continue
@@ -159,7 +161,7 @@ class _RankShare(IterableDataset):
             batch: dict[str, Any] = {"input_ids": input_ids, "labels": input_ids.clone()}
             if spec.document_masking:
                 batch["position_ids"] = document_position_ids(input_ids, spec.eos_id)
-            batch.update(source_tokens=counts, worker=worker, state=mixture.state())
+            batch.update(source_tokens=counts, worker=worker, state=mixture.state(), step=step)
             yield batch
 
 
@@ -193,13 +195,16 @@ class TrainStream:
     ``stopping: token_budget`` each source's budget is computed from them (``token_budget`` split by the weights,
     or each source's own) without checking them again.
 
+    A weight schedule (``SourceConfig.weight`` a ``{step: weight}`` mapping) is read at the optimizer step of each
+    batch: the rank's micro-batch ``m`` (from 0) is of step ``m // grad_accum``.
+
     Deterministic given the sources, seed, world size, num_workers, seq_len, micro_batch_size, shuffle_buffer
-    and stopping rule. ``state_dict``/``load_state_dict`` resume exactly: after loading, iteration yields the
-    batches an uninterrupted run would have yielded next. Given the states of every rank, ``load_state_dict``
-    also carries a position over exactly to another world size or num_workers (:mod:`launcher.data.reshard`).
-    Each ``iter()`` continues from the current position.
-    ``gather_metrics`` reports the mixture actually consumed, in tokens, and a running hash of the consumed token
-    ids.
+    and stopping rule (and grad_accum, with a weight schedule). ``state_dict``/``load_state_dict`` resume exactly:
+    after loading, iteration yields the batches an uninterrupted run would have yielded next. Given the states of
+    every rank, ``load_state_dict`` also carries a position over exactly to another world size or num_workers
+    (:mod:`launcher.data.reshard`). Each ``iter()`` continues from the current position.
+    ``gather_metrics`` reports the mixture actually consumed, in tokens (in all and since its previous call), the
+    scheduled weights, and a running hash of the consumed token ids.
     """
 
     def __init__(
@@ -218,6 +223,7 @@ class TrainStream:
         stopping: str = "all_exhausted",
         token_budget: int | None = None,
         document_masking: bool = False,
+        grad_accum: int = 1,
     ):
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
@@ -226,11 +232,15 @@ class TrainStream:
         if not sources:
             raise DataError("no training sources: data.train is empty")
         self.sources = list(sources)
+        self.scheduled = any(isinstance(s.weight, dict) for s in self.sources)
+        """Some source's weight is a schedule over the steps."""
+        if self.scheduled and stopping == "token_budget":
+            raise ValueError("a weight schedule does not work with stopping=token_budget (the budgets are fixed)")
         self.spec = StreamSpec(
             seq_len=seq_len, micro_batch_size=micro_batch_size, rank=rank, world_size=world_size, seed=seed,
             eos_id=eos_id_of(tokenizer, f"training data {_paths(self.sources)}"), shuffle_buffer=shuffle_buffer,
             stopping=stopping, budgets=budgets_of(self.sources, stopping, token_budget),
-            document_masking=document_masking,
+            document_masking=document_masking, grad_accum=grad_accum,
         )  # fmt: skip
         self.tokenizer = tokenizer
         self.num_workers = num_workers
@@ -242,20 +252,32 @@ class TrainStream:
         self._states: list[dict[str, Any] | None] = [None] * self._slots
         self._replay = False
         self._source_tokens = [0] * len(self.sources)
+        self._logged_tokens = [0] * len(self.sources)
+        """This rank's ``_source_tokens`` at the last ``gather_metrics``: ``data/mix_recent`` counts from there."""
+        self._step: int | None = None
+        """The optimizer step of the last batch consumed (None until one is, after a load)."""
         self._hash = "00" * 8
         self._active: weakref.ref | None = None
         """The live iterator, weakly: it refers to this stream, and a cycle would delay stopping its workers."""
 
     @classmethod
     def from_config(
-        cls, data: DataConfig, tokenizer: Any, *, micro_batch_size: int, rank: int, world_size: int, seed: int
+        cls,
+        data: DataConfig,
+        tokenizer: Any,
+        *,
+        micro_batch_size: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        grad_accum: int = 1,
     ) -> TrainStream:
-        """The stream a recipe's ``data`` section describes."""
+        """The stream a recipe's ``data`` section describes; ``grad_accum``: micro-batches per optimizer step."""
         return cls(
             data.train, tokenizer, seq_len=data.seq_len, micro_batch_size=micro_batch_size, rank=rank,
             world_size=world_size, seed=seed, num_workers=data.num_workers, prefetch_factor=data.prefetch_factor,
             shuffle_buffer=data.shuffle_buffer, stopping=data.stopping, token_budget=data.token_budget,
-            document_masking=data.document_masking,
+            document_masking=data.document_masking, grad_accum=grad_accum,
         )  # fmt: skip
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
@@ -297,6 +319,7 @@ class TrainStream:
                 if self._replay and all(s is not None for s in self._states):
                     self._replay = False
                 self._batches += 1
+                self._step = item["step"]
                 for i, n in enumerate(item["source_tokens"]):
                     self._source_tokens[i] += int(n)
                 self._hash = _chain_hash(self._hash, item["input_ids"])
@@ -307,6 +330,8 @@ class TrainStream:
     def _layout(self) -> dict[str, Any]:
         """Everything the data order depends on; a resume is exact only when it is unchanged."""
         spec = self.spec
+        # Only with a schedule, so that states saved before schedules existed still match.
+        scheduled = {"grad_accum": spec.grad_accum} if self.scheduled else {}
         return {
             "rank": spec.rank,
             "world_size": spec.world_size,
@@ -318,12 +343,19 @@ class TrainStream:
             "stopping": spec.stopping,
             "budgets": None if spec.budgets is None else list(spec.budgets),
             "sources": [
-                {"path": s.path, "name": s.name, "split": s.split, "text_field": s.text_field, "weight": s.weight}
+                {
+                    "path": s.path,
+                    "name": s.name,
+                    "split": s.split,
+                    "text_field": s.text_field,
+                    # a schedule as [step, weight] pairs: JSON would make its steps strings
+                    "weight": [[k, w] for k, w in s.weight.items()] if isinstance(s.weight, dict) else s.weight,
+                }
                 # Only when set, so that states saved before holdouts existed still match.
                 | ({"holdout_documents": s.holdout_documents} if s.holdout_documents else {})
                 for s in self.sources
             ],
-        }
+        } | scheduled
 
     def gather_metrics(self) -> dict[str, float]:
         """Collective: every rank must call this at the same steps. Data metrics for the training log, merged into
@@ -334,11 +366,18 @@ class TrainStream:
         order; two runs (or a run and its resumed continuation) that trained on the same data show the same
         value at the same step. ``data/epochs/<label>``: the passes over each source that every reader has
         finished (a finite source's epochs; under ``all_exhausted`` a smaller source is read more often).
+        With a weight schedule (some ``SourceConfig.weight`` a ``{step: weight}`` mapping), also
+        ``data/mix_recent/<label>``: the same fraction over the tokens consumed since the previous call (since the
+        resume, at the first call after one), which shows the mixture as it changes, and ``data/weight/<label>``:
+        each source's weight at the step of the last batch consumed, normalised over the sources -- what
+        ``data/mix_recent`` follows.
 
-        When torch.distributed is initialised with this stream's world size, both cover every rank (one small
+        When torch.distributed is initialised with this stream's world size, they cover every rank (one small
         all_gather); otherwise they cover this rank.
         """
         counts = list(self._source_tokens)
+        recent = [n - m for n, m in zip(self._source_tokens, self._logged_tokens)]
+        self._logged_tokens = list(self._source_tokens)
         hashes = [int(self._hash, 16)]
         known = not self._replay and all(st is not None for st in self._states)
         epochs = [min(int(st["sources"][i][0]) for st in self._states if st is not None) if known else -1
@@ -358,17 +397,27 @@ class TrainStream:
                 device = torch.device("cuda", torch.cuda.current_device())
             # Hashes are 64-bit; sent as two 32-bit halves so no value needs the sign bit of an int64.
             h = hashes[0]
-            mine = torch.tensor([*counts, *epochs, h >> 32, h & 0xFFFFFFFF], dtype=torch.long, device=device)
+            values = [*counts, *recent, *epochs, h >> 32, h & 0xFFFFFFFF]
+            mine = torch.tensor(values, dtype=torch.long, device=device)
             gathered = [torch.empty_like(mine) for _ in range(spec.world_size)]
             dist.all_gather(gathered, mine)
             rows = torch.stack(gathered).cpu().tolist()
-            counts = [sum(r[i] for r in rows) for i in range(len(counts))]
-            epochs = [min(r[len(counts) + i] for r in rows) for i in range(len(epochs))]
+            width = len(counts)
+            counts = [sum(r[i] for r in rows) for i in range(width)]
+            recent = [sum(r[width + i] for r in rows) for i in range(width)]
+            epochs = [min(r[2 * width + i] for r in rows) for i in range(len(epochs))]
             hashes = [(r[-2] << 32) | r[-1] for r in rows]
         total = sum(counts)
         out: dict[str, float] = {}
         if total:
             out.update({f"data/mix/{label}": n / total for label, n in zip(self.labels, counts)})
+        recent_total = sum(recent)
+        if self.scheduled and recent_total:
+            out.update({f"data/mix_recent/{label}": n / recent_total for label, n in zip(self.labels, recent)})
+        if self.scheduled:
+            step = self._step if self._step is not None else max(0, self._batches - 1) // spec.grad_accum
+            weights = [weight_at(s.weight, step) for s in self.sources]
+            out.update({f"data/weight/{label}": w / sum(weights) for label, w in zip(self.labels, weights)})
         out["data/batch_hash"] = _hash48(*hashes)
         if min(epochs, default=-1) >= 0:
             out.update({f"data/epochs/{label}": float(n) for label, n in zip(self.labels, epochs)})
@@ -383,12 +432,14 @@ class TrainStream:
 
     def state_dict(self) -> dict[str, Any]:
         """The position as plain JSON: micro-batches yielded so far, each worker's reader state after the last
-        batch taken from it, the tokens consumed per source and the running hash of the consumed token ids."""
+        batch taken from it, the tokens consumed per source (also as of the last ``gather_metrics``) and the running
+        hash of the consumed token ids."""
         return {
             "version": STATE_VERSION,
             "batches": self._batches,
             "workers": None if self._replay else [dict(s) if s is not None else None for s in self._states],
             "source_tokens": list(self._source_tokens),
+            "logged_tokens": list(self._logged_tokens),
             "hash": self._hash,
             "layout": self._layout(),
         }
@@ -451,6 +502,10 @@ class TrainStream:
         same_sources = saved.get("sources") == mine["sources"]
         ok = same_sources and isinstance(tokens, list) and len(tokens) == len(self.sources)
         self._source_tokens = [int(n) for n in tokens] if ok else [0] * len(self.sources)  # type: ignore[union-attr]
+        logged = state.get("logged_tokens")
+        ok = ok and isinstance(logged, list) and len(logged) == len(self.sources)
+        self._logged_tokens = [int(n) for n in logged] if ok else list(self._source_tokens)  # type: ignore[union-attr]
+        self._step = None
         digest = state.get("hash")
         self._hash = digest if isinstance(digest, str) and len(digest) == 16 else "00" * 8
 
@@ -471,12 +526,22 @@ class TrainStream:
         if not changed:
             self.load_state_dict(all_ranks[self.spec.rank])
             return True
-        if not set(changed) <= {"world_size", "num_workers"}:
+        # With a weight schedule, grad_accum follows the world size (or the global batch, if that changed).
+        if not set(changed) <= {"world_size", "num_workers", "grad_accum"}:
             return False
         spec, slots = self.spec, self._slots
         count = spec.world_size * slots
         shards = old_divisions(self._sources, len(readers), count)
-        mine: list[dict[str, Any] | None] = list(redivide(readers, count, shards=shards, spec=spec))
+        mine: list[dict[str, Any] | None] = list(
+            redivide(
+                readers,
+                count,
+                shards=shards,
+                spec=spec,
+                old_workers=saved["num_workers"],
+                old_accum=saved.get("grad_accum", spec.grad_accum),
+            )
+        )
         self._states = mine[spec.rank * slots : (spec.rank + 1) * slots]
         open_divisions(self._sources, self._states)
         self._replay = False
@@ -484,6 +549,8 @@ class TrainStream:
         self._batches = sum(s["batches"] for s in all_ranks) // spec.world_size // slots * slots
         tokens = merged_source_tokens(all_ranks, len(self.sources))
         self._source_tokens = tokens if spec.rank == 0 else [0] * len(self.sources)
+        self._logged_tokens = list(self._source_tokens)
+        self._step = None
         self._hash = merged_hash(all_ranks)
         logger.info(
             "data position re-divided from %d old readers (%d ranks x %d workers) to %d new readers (%d ranks x %d "
