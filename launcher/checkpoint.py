@@ -233,7 +233,7 @@ def engine_problem(path: Path, engine: str) -> str | None:
         f"cannot resume {path}: it was written by the {saved} engine and this recipe uses {engine} "
         f"(parallel.engine). Each engine reads only its own checkpoints: run with parallel.engine={saved} (and its "
         f"config), or start from this checkpoint's weights as a new run: `cpt export {path} DIR`, then "
-        "model.name_or_path=DIR with another output_dir."
+        "model.init_from=DIR with another output_dir."
     )
 
 
@@ -275,6 +275,14 @@ def load(
         if info.rank == 0:
             _log_batch_change(engine, path, saved)
     engine.load(path)
+    data_state, all_ranks = _continue_stream(engine, info, path, saved, int(state["step"]))
+    return state, data_state, all_ranks
+
+
+def _continue_stream(
+    engine: Engine, info: DistInfo, path: Path, saved: int, step: int
+) -> tuple[dict[str, Any], list[dict[str, Any]] | None]:
+    """This rank's data state and, when the world size changed, every old rank's; the RNG state of this rank."""
     all_ranks = None
     if saved != info.world_size:
         all_ranks = [json.loads((path / f"data-rank{r}.json").read_text()) for r in range(saved)]
@@ -284,8 +292,51 @@ def load(
     if info.rank < saved:
         _set_rng_state(torch.load(path / f"rng-rank{info.rank}.pt", weights_only=True))
     else:
-        _seed_new_rank(engine.recipe.train.seed, int(state["step"]), info.rank)
-    return state, data_state, all_ranks
+        _seed_new_rank(engine.recipe.train.seed, step, info.rank)
+    return data_state, all_ranks
+
+
+def branch(
+    engine: Engine, info: DistInfo, path: Path, *, optimizer: bool, data: bool
+) -> tuple[dict[str, Any] | None, list[dict[str, Any]] | None]:
+    """Start a new run from the checkpoint ``path`` of another run (``model.init_from``): its model weights; with
+    ``optimizer`` its optimizer state (``model.init_optimizer``); never its schedule, which starts at step 0 with this
+    recipe's learning rate, betas, eps and weight decay. With ``data`` (``model.init_data``), every rank's data
+    position and RNG state as :func:`load` takes them (re-divided when the world size changed); returns this rank's
+    data state and, when the world size changed, every old rank's, else (None, None). Collective.
+
+    The checkpoint must come from the recipe's engine; the pre-flight check refuses anything else before the
+    workers start (:func:`launcher.preflight.check_init_from`), so this is the last line of defence."""
+    state = json.loads((path / "trainer_state.json").read_text())
+    saved_engine, engine_name = state.get("engine"), engine.recipe.parallel.engine
+    if saved_engine not in (None, engine_name):
+        raise RuntimeError(init_engine_problem(path, saved_engine, engine_name))
+    saved = int(state.get("world_size") or info.world_size)
+    if saved != info.world_size:
+        what = "model and optimizer states" if optimizer else "model"
+        data_text = (
+            f", the data position of the {saved} old ranks is re-divided among the {info.world_size} new ones"
+            if data
+            else ""
+        )
+        log.info("model.init_from: %s was saved by %d ranks, this run has %d: the engine reshards the %s%s", path,
+                 saved, info.world_size, what, data_text)  # fmt: skip
+        if info.rank == 0 and data:
+            _log_batch_change(engine, path, saved)
+    engine.load(path, optimizer=optimizer, scheduler=False)
+    if not data:
+        return None, None
+    return _continue_stream(engine, info, path, saved, int(state["step"]))
+
+
+def init_engine_problem(path: Path, saved: str, engine: str) -> str:
+    """``model.init_from`` names a checkpoint of another engine: what to do instead."""
+    return (
+        f"model.init_from: {path} was written by the {saved} engine and this recipe uses {engine} "
+        f"(parallel.engine); each engine reads only its own checkpoints. Start from its weights instead: "
+        f"`cpt export {path} DIR`, then model.init_from=DIR (its optimizer state and data position cannot be taken "
+        "across engines)."
+    )
 
 
 def _ranks(first: int, end: int) -> str:

@@ -25,9 +25,10 @@ from .files import atomic_write
 from .launch import DistInfo
 from .lengths import with_token_budget
 from .metrics import Throughput, flops_per_token, host_memory_gib, memory_stats, mfu, peak_flops
-from .model import load_config, load_tokenizer
+from .model import init_checkpoint, load_config, load_tokenizer
 from .preemption import PREEMPTED_EXIT_CODE, Preemption
 from .profiling import StepProfiler
+from .vocab import extend_vocabulary
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +48,15 @@ class Trainer:
         # What takes the time before the first step (downloads, weights, DeepSpeed's op builds, data), with timings.
         start = stage = time.perf_counter()
         self.tokenizer = load_tokenizer(recipe)
-        self.config = load_config(recipe)
+        # model.add_tokens and an extending model.tokenizer: the tokenizer gains the tokens, the config the rows.
+        vocab = extend_vocabulary(recipe, self.tokenizer, load_config(recipe))
+        self.config = vocab.config
         log.info("tokenizer and model config loaded in %.1f s", time.perf_counter() - stage)
         if info.is_main:
+            for line in vocab.warnings:
+                log.warning("%s", line)
+            if summary := vocab.summary():
+                log.info("%s", summary)
             self.out.mkdir(parents=True, exist_ok=True)
             atomic_write(self.out / "resolved_recipe.yaml", to_yaml(recipe))
         self.callbacks = CallbackList(
@@ -57,7 +64,7 @@ class Trainer:
         )
         log.info("building the model under %s (%s)", recipe.parallel.engine, recipe.parallel.config)
         stage = time.perf_counter()
-        self.engine: Engine = build_engine(recipe, info, self.layout, self.config)
+        self.engine: Engine = build_engine(recipe, info, self.layout, self.config, vocab.extension)
         log.info("engine ready in %.1f s; host memory %.2f GiB (peak %.2f GiB)", time.perf_counter() - stage,
                  *host_memory_gib())  # fmt: skip
         stage = time.perf_counter()
@@ -71,6 +78,7 @@ class Trainer:
                 rank=info.rank,
                 world_size=info.world_size,
                 seed=recipe.train.seed,
+                grad_accum=self.layout.grad_accum,
             )
             if recipe.train.max_steps > 0
             else None
@@ -82,8 +90,11 @@ class Trainer:
         self.preempted = False
         self.skipped_steps = 0
         self.skipped_in_a_row = 0
+        self.data_from: Path | None = None
+        """The checkpoint of another run whose data position this run continues (``model.init_data``)."""
         self.resumed_from = self._resume()
-        self.passes = 0 if self.resumed_from is None or self.stream is None else self.stream.passes_completed()
+        continued = self.resumed_from is not None or self.data_from is not None
+        self.passes = self.stream.passes_completed() if continued and self.stream is not None else 0
         if info.is_main:
             for warning in eval_overlap_warnings(recipe):
                 log.warning("%s", warning)
@@ -102,10 +113,17 @@ class Trainer:
         log.info("set up in %.1f s%s", time.perf_counter() - start, compiling)
 
     def _resume(self) -> Path | None:
-        """Resume from the newest complete checkpoint in output_dir; initialise from the base model otherwise."""
+        """Resume from the newest complete checkpoint in output_dir; else start from ``model.init_from`` when the
+        recipe sets it (:meth:`_branch`), from the base model otherwise. A run's own checkpoint wins over
+        ``model.init_from``: a branch that was stopped resumes itself."""
         path = checkpoint.latest_checkpoint(self.out)
+        init_from = self.recipe.model.init_from
         if path is None or self.stream is None:
+            if init_from:
+                self._branch(Path(init_from))
             return None
+        if init_from:
+            log.info("resuming this run's own checkpoint %s; model.init_from (%s) is not used", path, init_from)
         state, data_state, all_ranks = checkpoint.load(self.engine, self.info, path)
         self.step = state["step"]
         self.tokens_seen = state.get("tokens_seen", 0)
@@ -113,6 +131,24 @@ class Trainer:
         self.stream.load_state_dict(data_state, all_ranks=all_ranks)
         log.info("resumed from %s at step %d", path, self.step)
         return path
+
+    def _branch(self, source: Path) -> None:
+        """A new run from ``model.init_from``. A Hugging Face model directory was read as the starting weights when
+        the engine was built; from a checkpoint, its weights are loaded here, with its optimizer state
+        (``model.init_optimizer``) and data position (``model.init_data``) when the recipe asks. The step, the tokens
+        seen and the schedule start at 0."""
+        m = self.recipe.model
+        if init_checkpoint(self.recipe) is None:
+            log.info("initialised from %s: weights", source)
+            return
+        optimizer = m.init_optimizer and self.stream is not None
+        data = m.init_data and self.stream is not None
+        data_state, all_ranks = checkpoint.branch(self.engine, self.info, source, optimizer=optimizer, data=data)
+        if self.stream is not None and data_state is not None:
+            self.stream.load_state_dict(data_state, all_ranks=all_ranks)
+            self.data_from = source
+        taken = ["weights", *(["optimizer state"] if optimizer else []), *(["data position"] if data else [])]
+        log.info("initialised from %s: %s", source, ", ".join(taken))
 
     def fit(self) -> dict[str, dict[str, float]]:
         r, t = self.recipe, self.recipe.train

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,10 +20,26 @@ def config_source(recipe: Recipe) -> str:
     return recipe.model.name_or_path or recipe.model.from_config or ""
 
 
+def init_checkpoint(recipe: Recipe) -> Path | None:
+    """``model.init_from`` when it is a checkpoint of this tool (a directory with ``trainer_state.json``): the
+    engine builds the model without reading any weights and loads the checkpoint's once it is set up."""
+    init = recipe.model.init_from
+    if init and (Path(init) / "trainer_state.json").is_file():
+        return Path(init)
+    return None
+
+
 def weights_source(recipe: Recipe) -> str | None:
     """Where the starting weights are read from as Hugging Face safetensors (a local directory or a hub id), or
-    None for a random start: ``model.name_or_path``."""
-    return recipe.model.name_or_path
+    None for a random start or a start from a checkpoint (:func:`init_checkpoint`): ``model.init_from`` when it is
+    a Hugging Face model directory, else ``model.name_or_path``. An ``init_from`` that is gone is None too: only a
+    branch that resumes a checkpoint of its own gets this far without it (the pre-flight check refuses any other),
+    and the resume brings the weights."""
+    m = recipe.model
+    if m.init_from:
+        model_dir = Path(m.init_from).is_dir() and init_checkpoint(recipe) is None
+        return m.init_from if model_dir else None
+    return m.name_or_path
 
 
 def _warn_remote_code(recipe: Recipe, what: str, src: str | None) -> None:

@@ -20,7 +20,7 @@ import hashlib
 import json
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -207,10 +207,15 @@ class LazyWeights:
         shape = self.headers[name].shape
         if not shape:
             return self._file(name).get_tensor(name).reshape(-1)[start:stop]
-        row = math.prod(shape[1:])
-        first, last = start // row, -(-stop // row)
-        rows = self.read_rows(name, first, last).reshape(-1)
-        return rows[start - first * row : stop - first * row]
+        return flat_from_rows(lambda a, b: self.read_rows(name, a, b), math.prod(shape[1:]), start, stop)
+
+
+def flat_from_rows(read_rows: Callable[[int, int], torch.Tensor], row: int, start: int, stop: int) -> torch.Tensor:
+    """Elements ``start:stop`` of a matrix flattened, from ``read_rows(first, last)`` of the rows that cover them
+    (``row`` elements each)."""
+    first, last = start // row, -(-stop // row)
+    rows = read_rows(first, last).reshape(-1)
+    return rows[start - first * row : stop - first * row]
 
 
 def _module_seed(seed: int, name: str) -> int:

@@ -7,6 +7,8 @@ shard, step, save, load, gather). Nothing outside this package branches on the e
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from transformers import PretrainedConfig
 
 from ..config import BatchLayout, Recipe
@@ -15,6 +17,9 @@ from .base import Batch, Engine, causal_lm_loss, lr_lambda, resolve_dtype
 from .deepspeed_plan import DeepSpeedPlan
 from .fsdp_plan import FsdpPlan
 from .plan import EnginePlan
+
+if TYPE_CHECKING:
+    from ..vocab import VocabExtension
 
 __all__ = ["Batch", "Engine", "EnginePlan", "build_engine", "causal_lm_loss", "lr_lambda", "plan_for", "resolve_dtype"]
 
@@ -26,12 +31,16 @@ def plan_for(engine: str | Recipe) -> type[EnginePlan]:
     return PLANS[engine if isinstance(engine, str) else engine.parallel.engine]
 
 
-def build_engine(recipe: Recipe, info: DistInfo, layout: BatchLayout, config: PretrainedConfig) -> Engine:
-    """Build the model under the recipe's engine. Imports are deferred so a run pays only for the engine it uses."""
+def build_engine(
+    recipe: Recipe, info: DistInfo, layout: BatchLayout, config: PretrainedConfig,
+    vocab: VocabExtension | None = None,
+) -> Engine:  # fmt: skip
+    """Build the model of ``config`` under the recipe's engine; with ``vocab`` its embeddings are grown from the base
+    model's (:mod:`launcher.vocab`). Imports are deferred so a run pays only for the engine it uses."""
     if recipe.parallel.engine == "deepspeed":
         from .deepspeed import DeepSpeedEngine
 
-        return DeepSpeedEngine(recipe, info, layout, config)
+        return DeepSpeedEngine(recipe, info, layout, config, vocab)
     from .fsdp import FsdpEngine
 
-    return FsdpEngine(recipe, info, layout, config)
+    return FsdpEngine(recipe, info, layout, config, vocab)

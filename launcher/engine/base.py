@@ -132,6 +132,13 @@ def forward_loss(
         clear_labels(hf_model)
 
 
+OPTIMIZER_SETTINGS = ("betas", "eps", "weight_decay")
+"""AdamW's hyperparameters in each parameter group, as the recipe sets them (``train.betas``, ``train.eps``,
+``train.weight_decay`` for the decayed group, 0 for the other)."""
+SCHEDULE_SETTINGS = ("lr", "initial_lr")
+"""The learning rate of each parameter group and the peak the schedule scales (``train.lr``)."""
+
+
 class Engine(ABC):
     """One interface over DeepSpeed and FSDP2: build and shard, step, evaluate, save, load, gather."""
 
@@ -179,7 +186,33 @@ class Engine(ABC):
         """Model, optimizer and scheduler state into ``path`` (every rank writes its shard)."""
 
     @abstractmethod
-    def load(self, path: Path) -> None: ...
+    def load(self, path: Path, *, optimizer: bool = True, scheduler: bool = True) -> None:
+        """The model's weights from the checkpoint ``path`` (saved on any world size); with ``optimizer`` the
+        optimizer state (Adam's moments and step), with ``scheduler`` the learning-rate schedule's position. Without
+        ``scheduler`` the schedule stays where it is (a new run's: step 0). Either way the optimizer keeps this
+        recipe's hyperparameters (:meth:`_restore_settings`). Collective."""
+
+    def _keep_settings(self, optimizer: torch.optim.Optimizer) -> None:
+        """Remember each parameter group's hyperparameters as this recipe and the new schedule set them, before
+        anything is loaded."""
+        self._settings = [
+            {k: g[k] for k in (*SCHEDULE_SETTINGS, *OPTIMIZER_SETTINGS) if k in g} for g in optimizer.param_groups
+        ]
+
+    def _restore_settings(self, optimizer: torch.optim.Optimizer, *, schedule: bool) -> None:
+        """Loading an optimizer state replaces its parameter groups' hyperparameters with those of the run that saved
+        it (DeepSpeed's universal ZeRO-3 load even gives every group those of the first, weight decay included):
+        this recipe's betas, eps and weight decay, each group its own, win again, and with ``schedule`` (a schedule
+        that starts afresh) also its learning rate for step 0 (``lr``, ``initial_lr``)."""
+        groups = optimizer.param_groups
+        if len(groups) != len(self._settings):
+            raise RuntimeError(
+                f"the loaded optimizer state has {len(groups)} parameter groups, this recipe makes "
+                f"{len(self._settings)} (train.weight_decay_exclude and train.trainable decide them)"
+            )
+        keys = (*OPTIMIZER_SETTINGS, *(SCHEDULE_SETTINGS if schedule else ()))
+        for group, settings in zip(groups, self._settings):
+            group.update({k: settings[k] for k in keys if k in settings})
 
     @abstractmethod
     def export_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:

@@ -11,7 +11,7 @@ import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import deepspeed
 import torch
@@ -27,13 +27,16 @@ from ..config import BatchLayout, Recipe
 from ..files import torch_save
 from ..launch import DistInfo
 from ..metrics import host_memory_gib
-from ..model import build_model, decoder_layer_classes, meta_model, param_counts, weights_source
+from ..model import build_model, decoder_layer_classes, init_checkpoint, meta_model, param_counts, weights_source
 from ..redact import redact_values
 from ..weights import LazyWeights, WeightsError, check_weights, init_tensors, local_model_dir
 from .base import Batch, Engine, apply_trainable, forward_loss, lr_lambda, optimizer_groups
 from .deepspeed_plan import fill_auto, weights_only_loading
 from .deepspeed_universal import ensure_universal, saved_world_size, universal_loading
 from .options import apply_training_options
+
+if TYPE_CHECKING:
+    from ..vocab import VocabExtension
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +78,10 @@ def _plain_arch_list() -> None:
 
 
 class DeepSpeedEngine(Engine):
-    def __init__(self, recipe: Recipe, info: DistInfo, layout: BatchLayout, config: PretrainedConfig):
+    def __init__(
+        self, recipe: Recipe, info: DistInfo, layout: BatchLayout, config: PretrainedConfig,
+        vocab: VocabExtension | None = None,
+    ):  # fmt: skip
         super().__init__(recipe, info, layout, config)
         counts = param_counts(config, recipe.model.trust_remote_code)
         self.ds_config = fill_auto(
@@ -94,11 +100,19 @@ class DeepSpeedEngine(Engine):
         # build: any later model construction (the export, on rank 0 alone) would become a collective and hang.
         hf_ds = HfDeepSpeedConfig(self.ds_config) if self.stage == 3 else None
         source = weights_source(recipe)
+        branch = init_checkpoint(recipe)
         what = "every rank reads its partition of" if self.stage == 3 else "loading the weights of"
-        log.info("ZeRO stage %d: %s", self.stage, f"{what} {source}" if source else "initialising the model")
+        doing = (
+            f"{what} {source}"
+            if source
+            else f"the weights come from {branch} (model.init_from), loaded once the engine is set up"
+            if branch is not None
+            else "initialising the model"
+        )
+        log.info("ZeRO stage %d: %s", self.stage, doing)
         start = time.perf_counter()
         try:
-            model = _build(recipe, config, self.dtype, self.stage)
+            model = _build(recipe, config, self.dtype, self.stage, vocab)
         finally:
             del hf_ds
             unset_hf_deepspeed_config()
@@ -106,11 +120,12 @@ class DeepSpeedEngine(Engine):
         if self.stage == 3 or not source:
             start = time.perf_counter()
             if source:
-                read = _load_partitions(model, local_model_dir(source), meta_model(recipe, config))
+                base = vocab.base_config if vocab is not None else config
+                read = _load_partitions(model, local_model_dir(source), meta_model(recipe, base), vocab)
                 took = time.perf_counter() - start
                 log.info("weights loaded in %.1f s (%.2f GB read by this rank); host memory %.2f GiB (peak %.2f "
                          "GiB)", took, read / 1e9, *host_memory_gib())  # fmt: skip
-            else:
+            elif branch is None:
                 _init_partitions(model, meta_model(recipe, config), recipe.train.seed, info.device)
                 log.info("model initialised in %.1f s (seed %d)", time.perf_counter() - start, recipe.train.seed)
         # DeepCompile ("compile": {"deepcompile": true} in the DeepSpeed config) compiles the whole model with
@@ -142,6 +157,7 @@ class DeepSpeedEngine(Engine):
             self.ds.compile()
             log.info("DeepCompile set up in %.1f s; the first steps compile the graph", time.perf_counter() - start)
         self.ds.checkpoint_engine = _CheckpointFiles()
+        self._keep_settings(self.ds.optimizer)
 
     @property
     def module(self):
@@ -179,14 +195,21 @@ class DeepSpeedEngine(Engine):
         finally:
             self.ds.config = config
 
-    def load(self, path: Path) -> None:
-        """Model, optimizer and scheduler from ``path``. A ZeRO checkpoint written by another number of ranks is
-        loaded through its universal form (:mod:`launcher.engine.deepspeed_universal`): DeepSpeed re-partitions
-        the fp32 weights and Adam states for this world size."""
+    def load(self, path: Path, *, optimizer: bool = True, scheduler: bool = True) -> None:
+        """The model (with ``optimizer`` also the optimizer, with ``scheduler`` the schedule) from ``path``. A ZeRO
+        checkpoint written by another number of ranks is loaded through its universal form
+        (:mod:`launcher.engine.deepspeed_universal`): DeepSpeed re-partitions the fp32 weights and Adam states for
+        this world size. ZeRO keeps the fp32 weights beside the Adam states in its optimizer files, so both are
+        read; without ``optimizer`` the Adam states are then dropped and the optimizer starts anew."""
+        if not optimizer and self.ds.zero_nvme_offload_optimizer():
+            raise ValueError(
+                "model.init_optimizer: false cannot leave out the optimizer state when DeepSpeed offloads it to NVMe "
+                "(offload_optimizer.device: nvme); set model.init_optimizer: true, or offload to cpu"
+            )
         saved = saved_world_size(path)
         if saved in (None, self.info.world_size):
             load_path, _ = self.ds.load_checkpoint(
-                str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=True
+                str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=scheduler
             )
         else:
             source = ensure_universal(path, self.info.rank, self.recipe.parallel.timeout_minutes)
@@ -195,11 +218,18 @@ class DeepSpeedEngine(Engine):
             start = time.perf_counter()
             with universal_loading(self.ds):
                 load_path, _ = self.ds.load_checkpoint(
-                    str(source.parent), tag=source.name, load_optimizer_states=True, load_lr_scheduler_states=True
+                    str(source.parent), tag=source.name, load_optimizer_states=True, load_lr_scheduler_states=scheduler
                 )
             log.info("universal checkpoint loaded in %.1f s", time.perf_counter() - start)
+            _own_step_counters(self.ds.optimizer)
         if load_path is None:
             raise RuntimeError(f"DeepSpeed found no checkpoint in {path}")
+        self._restore_settings(self.ds.optimizer, schedule=not scheduler)
+        if not optimizer:
+            self.ds.optimizer.state.clear()  # Adam creates its moments and step anew at the first step
+        if not scheduler:
+            # a new run: DeepSpeed's own step counters (logging, skipped steps) start again with the schedule
+            self.ds.global_steps = self.ds.global_samples = self.ds.skipped_steps = 0
 
     def export_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         model = self.ds.module
@@ -235,14 +265,36 @@ class DeepSpeedEngine(Engine):
             del unit
 
 
-def _build(recipe: Recipe, config: PretrainedConfig, dtype: torch.dtype, stage: int) -> nn.Module:
+def _own_step_counters(optimizer: Any) -> None:
+    """DeepSpeed's universal ZeRO-3 load gives the Adam state of every parameter group one and the same ``step``
+    tensor (deepspeed 0.19.8), which AdamW then advances once for each group at every step, so that the bias
+    correction runs ahead: each group gets its own."""
+    seen: set[int] = set()
+    for state in optimizer.state.values():
+        step = state.get("step")
+        if torch.is_tensor(step):
+            if id(step) in seen:
+                state["step"] = step.clone()
+            seen.add(id(step))
+
+
+def _build(
+    recipe: Recipe, config: PretrainedConfig, dtype: torch.dtype, stage: int, vocab: VocabExtension | None = None
+) -> nn.Module:
     """The model, under ZeRO-3 partitioned as it is built (``deepspeed.zero.Init`` through the Hugging Face
     config that is live) and without weights: :func:`_load_partitions` or :func:`_init_partitions` fill them.
-    ZeRO 0-2 keep a whole model on every rank by design: pretrained weights come through transformers; a random
-    one is built without initialisation and filled by :func:`_init_partitions`, as under ZeRO-3 and FSDP2."""
+    ZeRO 0-2 keep a whole model on every rank by design: pretrained weights come through transformers (the base
+    model, whose embeddings then grow to a ``vocab`` extension); a random one is built without initialisation and
+    filled by :func:`_init_partitions`, as under ZeRO-3 and FSDP2."""
     m = recipe.model
     if stage != 3 and weights_source(recipe):
-        return build_model(recipe, config, dtype)
+        if vocab is None:
+            return build_model(recipe, config, dtype)
+        from ..vocab import grow_embeddings
+
+        model = build_model(recipe, vocab.base_config, dtype)
+        grow_embeddings(model, vocab)
+        return model
     with no_init_weights():
         model = AutoModelForCausalLM.from_config(
             config, dtype=dtype, attn_implementation=m.attn_implementation, trust_remote_code=m.trust_remote_code
@@ -268,11 +320,19 @@ def _partition(p: torch.Tensor) -> tuple[torch.Tensor, int, int]:
     return part.data.view(-1), start, max(0, min(size, int(zero.ds_numel) - start))
 
 
-def _load_partitions(model: nn.Module, model_dir: Path, meta: nn.Module) -> int:
+def _load_partitions(model: nn.Module, model_dir: Path, meta: nn.Module, vocab: VocabExtension | None = None) -> int:
     """Each rank copies its partition of every parameter straight from the checkpoint's safetensors (the rows that
     cover it), converted to the model's dtype; no collective, no whole tensor. One file is open (memory-mapped) at
-    a time, so the pages read stay within one shard file. Returns the bytes read."""
+    a time, so the pages read stay within one shard file. Returns the bytes read.
+
+    ``meta`` is the model the checkpoint holds; with a grown vocabulary (``vocab``) the partitions of the embedding
+    matrices come from :class:`launcher.vocab.GrownMatrix` (base rows from the file, new rows from their pieces')."""
     headers = check_weights(model_dir, meta)
+    grown: set[str] = set()
+    if vocab is not None:
+        from ..vocab import embedding_keys
+
+        grown = set(embedding_keys(model))
     by_file: dict[Path, list[tuple[str, torch.Tensor]]] = {}
     for name, param in model.named_parameters():
         by_file.setdefault(headers[name].file, []).append((name, param))
@@ -282,7 +342,14 @@ def _load_partitions(model: nn.Module, model_dir: Path, meta: nn.Module) -> int:
             with LazyWeights(headers) as weights:
                 for name, tensor in by_file[file]:
                     mine, start, n = _partition(tensor)
-                    if n:
+                    if n and name in grown:
+                        assert vocab is not None
+                        matrix = vocab.matrix(lambda a, b, name=name: weights.read_rows(name, a, b))
+                        values = matrix.flat(start, start + n)
+                        mine[:n].copy_(values)
+                        base = vocab.base_rows * math.prod(headers[name].shape[1:])
+                        read += max(0, min(start + n, base) - start) * headers[name].element_size
+                    elif n:
                         values = weights.read_flat(name, start, start + n)
                         mine[:n].copy_(values)
                         read += values.numel() * values.element_size()

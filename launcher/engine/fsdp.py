@@ -8,7 +8,7 @@ import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -24,23 +24,29 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from ..config import BatchLayout, Recipe
 from ..files import torch_save
 from ..launch import DistInfo
-from ..model import decoder_layers, meta_model, weights_source
-from ..weights import WeightsError, check_weights, init_tensors, local_model_dir
+from ..model import decoder_layers, init_checkpoint, meta_model, weights_source
+from ..weights import LazyWeights, WeightsError, check_weights, init_tensors, local_model_dir
 from .base import Batch, Engine, apply_trainable, forward_loss, lr_lambda, optimizer_groups
 from .options import apply_training_options
+
+if TYPE_CHECKING:
+    from ..vocab import VocabExtension
 
 log = logging.getLogger(__name__)
 
 
 class FsdpEngine(Engine):
-    def __init__(self, recipe: Recipe, info: DistInfo, layout: BatchLayout, config: PretrainedConfig):
+    def __init__(
+        self, recipe: Recipe, info: DistInfo, layout: BatchLayout, config: PretrainedConfig,
+        vocab: VocabExtension | None = None,
+    ):  # fmt: skip
         super().__init__(recipe, info, layout, config)
         f = recipe.parallel.fsdp
         dev = info.device.type
@@ -99,8 +105,12 @@ class FsdpEngine(Engine):
         source = weights_source(recipe)
         if source:
             log.info("FSDP2: every rank reads its shards of %s", source)
-            read = _load_shards(model, local_model_dir(source), meta_model(recipe, config))
+            base = vocab.base_config if vocab is not None else config
+            read = _load_shards(model, local_model_dir(source), meta_model(recipe, base), vocab)
             log.info("weights loaded in %.1f s (%.2f GB read by this rank)", time.perf_counter() - start, read / 1e9)
+        elif (branch := init_checkpoint(recipe)) is not None:
+            # model.init_from a checkpoint: its weights are loaded into the shards once the optimizer exists
+            log.info("FSDP2: the weights come from %s (model.init_from), loaded once the optimizer is set up", branch)
         else:
             log.info("FSDP2: every rank initialises its shards (seed %d)", recipe.train.seed)
             _init_shards(model, meta_model(recipe, config), recipe.train.seed, info.device)
@@ -113,6 +123,7 @@ class FsdpEngine(Engine):
             fused=True if dev == "cuda" and not offload else None,
         )  # fmt: skip
         self.scheduler = LambdaLR(self.optimizer, lr_lambda(recipe))
+        self._keep_settings(self.optimizer)
 
     @property
     def module(self):
@@ -141,7 +152,8 @@ class FsdpEngine(Engine):
         return total / n, value
 
     def lr(self) -> float:
-        return float(self.scheduler.get_last_lr()[0])
+        # what the next step uses: the schedule sets it, a loaded optimizer state must not have replaced it
+        return float(self.optimizer.param_groups[0]["lr"])
 
     def save(self, path: Path) -> None:
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
@@ -149,18 +161,27 @@ class FsdpEngine(Engine):
         if self.info.rank == 0:
             torch_save(self.scheduler.state_dict(), path / "scheduler.pt")
 
-    def load(self, path: Path) -> None:
-        """Model, optimizer and scheduler from ``path``, saved on any world size: torch.distributed.checkpoint gives
-        each rank's shards of the parameters and of the optimizer states (Adam's moments and step) the slices of
-        the saved shards that overlap them."""
+    def load(self, path: Path, *, optimizer: bool = True, scheduler: bool = True) -> None:
+        """The model (with ``optimizer`` also the optimizer, with ``scheduler`` the schedule) from ``path``, saved on
+        any world size: torch.distributed.checkpoint gives each rank's shards of the parameters and of the optimizer
+        states (Adam's moments and step) the slices of the saved shards that overlap them. Without ``optimizer``
+        only the model's entries of the checkpoint are read, and the optimizer stays new."""
         saved = {m.group(1) for f in path.glob("__*.distcp") if (m := re.match(r"__(\d+)_", f.name))}
         if len(saved) != self.info.world_size:
-            log.info("FSDP2: torch.distributed.checkpoint reshards the parameters and optimizer states of %d ranks "
-                     "over %d", len(saved), self.info.world_size)  # fmt: skip
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-        dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
-        set_state_dict(self.model, self.optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
-        self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+            what = "parameters and optimizer states" if optimizer else "parameters"
+            log.info("FSDP2: torch.distributed.checkpoint reshards the %s of %d ranks over %d", what, len(saved),
+                     self.info.world_size)  # fmt: skip
+        if optimizer:
+            model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+            dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
+            set_state_dict(self.model, self.optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
+            self._restore_settings(self.optimizer, schedule=not scheduler)
+        else:
+            model_sd = get_model_state_dict(self.model)
+            dcp.load({"model": model_sd}, checkpoint_id=str(path))
+            set_model_state_dict(self.model, model_sd)
+        if scheduler:
+            self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
 
     def export_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         # The sharded state dict (names as the model's own state dict has them, nothing gathered yet); each DTensor
@@ -178,12 +199,21 @@ class FsdpEngine(Engine):
             del value
 
 
-def _load_shards(model: nn.Module, model_dir: Path, meta: nn.Module) -> int:
+def _load_shards(model: nn.Module, model_dir: Path, meta: nn.Module, vocab: VocabExtension | None = None) -> int:
     """Fill the sharded ``model`` from the Hugging Face safetensors in ``model_dir`` through
     torch.distributed.checkpoint's reader: every rank reads only the slices of its own shards, converted to the
-    parameters' dtype slice by slice. Returns the bytes this rank's shards hold in the checkpoint."""
+    parameters' dtype slice by slice. Returns the bytes this rank's shards hold in the checkpoint.
+
+    ``meta`` is the model the checkpoint holds; with a grown vocabulary (``vocab``) the embedding matrices are
+    larger than the checkpoint's, and each rank computes its own rows of them (:class:`launcher.vocab.GrownMatrix`:
+    base rows read from the file, new rows from the rows of their pieces)."""
     headers = check_weights(model_dir, meta)
     state = {k: v for k, v in get_model_state_dict(model).items() if k in headers}
+    grown: dict[str, torch.Tensor] = {}
+    if vocab is not None:
+        from ..vocab import embedding_keys
+
+        grown = {k: state.pop(k) for k in embedding_keys(model) if k in state}
     dcp.load(
         state,
         storage_reader=HuggingFaceStorageReader(str(model_dir)),
@@ -195,7 +225,40 @@ def _load_shards(model: nn.Module, model_dir: Path, meta: nn.Module) -> int:
         local = value.to_local() if isinstance(value, DTensor) else value
         if isinstance(local, torch.Tensor):
             read += local.numel() * headers[key].element_size
+    if grown:
+        assert vocab is not None
+        params = dict(model.named_parameters())
+        with LazyWeights(headers) as weights, torch.no_grad():
+            for key in grown:
+                p = params[key]
+                local = p.to_local() if isinstance(p, DTensor) else p
+                start = _first_row(p)
+                matrix = vocab.matrix(lambda a, b, key=key: weights.read_rows(key, a, b))
+                local.copy_(matrix.rows(start, start + local.shape[0]))
+                base_rows = max(0, min(start + local.shape[0], vocab.base_rows) - start)
+                read += base_rows * math.prod(local.shape[1:]) * headers[key].element_size
     return read
+
+
+def _first_row(p: torch.Tensor) -> int:
+    """The first row of the whole parameter that this rank's shard of ``p`` holds. FSDP2 shards along the first
+    dimension, in the chunks ``torch.chunk`` cuts (the last ones shorter or empty), over each mesh dimension that
+    shards (a replicating one, HSDP's, leaves the rows whole)."""
+    if not isinstance(p, DTensor):
+        return 0
+    start, size = 0, p.shape[0]
+    for dim, placement in enumerate(p.placements):
+        if not isinstance(placement, Shard):
+            continue
+        if placement.dim != 0:
+            raise WeightsError(f"cannot fill a shard split along dimension {placement.dim}: FSDP2 splits rows")
+        chunk = -(-size // p.device_mesh.size(dim))
+        index = p.device_mesh.get_local_rank(dim)
+        start += index * chunk
+        size = max(0, min(chunk, size - index * chunk))
+    if size != p.to_local().shape[0]:
+        raise WeightsError(f"a shard of {size} rows was expected here, FSDP2 holds {p.to_local().shape[0]}")
+    return start
 
 
 def _init_shards(model: nn.Module, meta: nn.Module, seed: int, device: torch.device) -> None:
