@@ -6,6 +6,8 @@
    its data, tokenizer and config stay the same.
 4. Continual pretraining of that base on code (``recipes/quickstart.yaml``): 2 workers, DeepSpeed ZeRO-3,
    evaluated on both domains before and after, so adaptation (code) and forgetting (prose) show in perplexity.
+5. The same run replaying prose (``recipes/quickstart-replay.yaml``: a share of prose that falls from 30% to 10%
+   over the run): the closing lines compare how much prose perplexity rose with replay and without.
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ def run_quickstart(out: Path, *, fast: bool = False) -> int:
     built_from = _fingerprint([corpora["prose_train"], corpora["prose_eval"], tok / "tokenizer.json",
                                config_dir / "config.json"])  # fmt: skip
     if (base / "final" / "config.json").is_file() and _read(base / BUILT_FROM) == built_from:
-        print(f"[quickstart] stage 1/2: base model already built at {base / 'final'}", flush=True)
+        print(f"[quickstart] stage 1/3: base model already built at {base / 'final'}", flush=True)
     else:
         if base.exists():
             # A base model trained on other splits could have seen today's held-out prose, and one with another
@@ -69,7 +71,7 @@ def run_quickstart(out: Path, *, fast: bool = False) -> int:
             print(f"[quickstart] {base} was built from other data, tokenizer or config: building it again", flush=True)
             shutil.rmtree(base)
             shutil.rmtree(cpt, ignore_errors=True)
-        print("[quickstart] stage 1/2: pretraining the base model on English prose", flush=True)
+        print("[quickstart] stage 1/3: pretraining the base model on English prose", flush=True)
         rc = run_recipe(
             str(RECIPE_DIR / "quickstart-base.yaml"),
             [f"output_dir={base}", f"model.from_config={config_dir}", f"data.train=[{{path: {data['prose_train']}}}]",
@@ -79,17 +81,47 @@ def run_quickstart(out: Path, *, fast: bool = False) -> int:
             return rc
         atomic_write(base / BUILT_FROM, built_from)
 
-    print("[quickstart] stage 2/2: continual pretraining on Python source, 2 workers, DeepSpeed ZeRO-3", flush=True)
+    print("[quickstart] stage 2/3: continual pretraining on Python source, 2 workers, DeepSpeed ZeRO-3", flush=True)
+    stage2 = [f"model.name_or_path={base / 'final'}", f"eval.sets.code.path={data['code_eval']}",
+              f"eval.sets.prose.path={data['prose_eval']}", *(short + ["train.save_every=3", "eval.every=3"] if fast
+                                                               else [])]  # fmt: skip
     rc = run_recipe(
         str(RECIPE_DIR / "quickstart.yaml"),
-        [f"output_dir={cpt}", f"model.name_or_path={base / 'final'}", f"data.train=[{{path: {data['code_train']}}}]",
-         f"eval.sets.code.path={data['code_eval']}", f"eval.sets.prose.path={data['prose_eval']}",
-         *(short + ["train.save_every=3", "eval.every=3"] if fast else [])],
+        [f"output_dir={cpt}", f"data.train=[{{path: {data['code_train']}}}]", *stage2],
+    )
+    if rc:
+        return rc
+    replay = out / "cpt-replay"
+    print("[quickstart] stage 3/3: the same, replaying English prose (30% of the tokens, falling to 10%)", flush=True)
+    end = 6 if fast else 80
+    rc = run_recipe(
+        str(RECIPE_DIR / "quickstart-replay.yaml"),
+        [f"output_dir={replay}", f"data.train.0.path={data['code_train']}", f"data.train.1.path={data['prose_train']}",
+         f"data.train.0.weight={{0: 0.7, {end}: 0.9}}", f"data.train.1.weight={{0: 0.3, {end}: 0.1}}", *stage2],
     )  # fmt: skip
     if rc:
         return rc
     summarize(cpt, time.time() - start)
+    compare_replay(cpt, replay)
     return 0
+
+
+def _evals(run_dir: Path) -> list[dict]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [r for r in records if "eval" in r]
+
+
+def compare_replay(plain: Path, replay: Path) -> None:
+    """The closing lines: the rise of prose perplexity (forgetting) and the fall of code perplexity (adaptation),
+    without replay and with it."""
+    print("\n[quickstart] replay: perplexity before -> after, without replay | with prose replay (30% -> 10%):")
+    runs = {"without": _evals(plain), "with": _evals(replay)}
+    for name in runs["without"][-1]["eval"]:
+        change = {k: e[-1]["eval"][name]["perplexity"] / e[0]["eval"][name]["perplexity"] - 1 for k, e in runs.items()}
+        print(f"  {name:>6}: {change['without']:+.0%} without replay | {change['with']:+.0%} with replay")
+    prose = {k: e[-1]["eval"]["prose"]["perplexity"] / e[0]["eval"]["prose"]["perplexity"] for k, e in runs.items()}
+    verdict = "less" if prose["with"] < prose["without"] else "not less"
+    print(f"  prose perplexity rose {verdict} with replay; outputs of the replay run in {replay}")
 
 
 def summarize(run_dir: Path, seconds: float) -> None:
