@@ -35,7 +35,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from .preflight import plan_model_config
+    from .preflight import plan_model_config, planned_vocabulary
 
     recipe = load_or_exit(args.recipe, args.overrides)
     gpus = args.gpus_per_node or default_nproc(recipe.parallel.nproc_per_node)
@@ -65,6 +65,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     try:
         cfg, note = plan_model_config(recipe)
         if cfg is not None:
+            cfg, grown = planned_vocabulary(recipe, cfg)
+            if grown:
+                lines["vocabulary"] = grown
             n = param_counts(cfg, recipe.model.trust_remote_code).total
             if note:
                 lines["model config"] = note

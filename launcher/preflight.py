@@ -4,8 +4,10 @@ naming its key or path. Also here: where ``cpt plan`` finds a model's config wit
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
+import math
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -445,6 +447,36 @@ def shipped_model_config(repo_id: str) -> Path | None:
     name = names.get(repo_id) if isinstance(names, dict) else None
     path = index.parent / name if isinstance(name, str) else None
     return path if path is not None and path.is_file() else None
+
+
+def planned_vocabulary(r: Recipe, config: Any) -> tuple[Any, str | None]:
+    """``config`` with the vocabulary a run of ``r`` grows to (``model.add_tokens``, an extending ``model.tokenizer``)
+    and a line saying so, or ``config`` and None when nothing grows. Without the tokenizers at hand, every added
+    token is counted as new."""
+    from .vocab import PAD_TO, extend_vocabulary
+
+    m = r.model
+    if not (m.add_tokens or m.tokenizer):
+        return config, None
+    from .model import load_tokenizer, weights_source
+
+    rows = int(config.get_text_config().vocab_size)
+    sources = [x for x in (m.tokenizer or m.name_or_path or m.from_config, weights_source(r)) if x]
+    # a hub tokenizer not downloaded here is not fetched: transformers would retry the network for half a minute
+    here = all(not is_hub_id(x) or _cached(x, "tokenizer_config.json") is not None for x in sources)
+    try:
+        if not here:
+            raise OSError("a tokenizer is not here")
+        grown = extend_vocabulary(r, load_tokenizer(r), config).config
+        how = "from the tokenizers"
+    except (ConfigError, OSError, ValueError):
+        grown = copy.deepcopy(config)
+        grown.get_text_config().vocab_size = math.ceil((rows + len(m.add_tokens)) / PAD_TO) * PAD_TO
+        how = f"counting all {len(m.add_tokens)} model.add_tokens as new: the tokenizers are not here"
+    new_rows = int(grown.get_text_config().vocab_size)
+    if new_rows == rows:
+        return config, None
+    return grown, f"embeddings grow from {rows:,} to {new_rows:,} rows ({how})"
 
 
 def plan_model_config(r: Recipe) -> tuple[Any, str | None]:

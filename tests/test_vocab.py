@@ -243,6 +243,47 @@ def test_training_only_the_embeddings_leaves_every_other_weight_as_it_was(embedd
         assert not torch.allclose(after[key][n:], start[n:]), f"{key}: the new rows did not train"
 
 
+def test_a_second_stage_from_the_first_stages_final_trains_everything_at_the_grown_size(
+    assets, embeddings_runs, tmp_path
+):
+    """Language adaptation's stage 2: the same recipe keys (``add_tokens``), ``model.init_from`` the first stage's
+    ``final/``, every weight trained: the vocabulary is not grown twice, the rows start where stage 1 left them."""
+    from transformers import AutoTokenizer
+
+    first, base, _ = embeddings_runs["zero3"]
+    out = tmp_path / "stage2"
+    tree = tiny_recipe(
+        assets, out, model={"name_or_path": str(base), "add_tokens": ADD, "init_from": str(first / "final")},
+        train={"max_steps": 2, "lr": 1e-5, "warmup_steps": 0}, eval={"sets": {}},
+        parallel={"engine": "fsdp", "config": "fsdp.yaml", "nproc_per_node": 1},
+    )  # fmt: skip
+    cpt("run", str(write_recipe(tmp_path / "r.yaml", tree)))
+    stage1, stage2, start = tensors_of(first / "final"), tensors_of(out / "final"), tensors_of(base)
+    assert stage2[EMBED].shape == stage1[EMBED].shape
+    assert len(AutoTokenizer.from_pretrained(out / "final")) == len(AutoTokenizer.from_pretrained(first / "final"))
+    # two steps at lr 1e-5 move a weight by about 2e-5; stage 1 (lr 1e-2) moved the rows much further
+    torch.testing.assert_close(stage2[EMBED], stage1[EMBED], rtol=0, atol=1e-4)
+    n = start[EMBED].shape[0]
+    assert not torch.allclose(stage1[EMBED][:n], start[EMBED], atol=1e-3)
+    moved = [k for k in start if k != EMBED and not torch.equal(stage2[k], start[k])]
+    assert moved, "stage 2 trains every weight, not only the embeddings"
+
+
+def test_the_plan_counts_the_grown_vocabulary(assets, tmp_path):
+    from launcher.model import load_config
+    from launcher.preflight import load_recipe, planned_vocabulary
+
+    tree = tiny_recipe(assets, tmp_path / "out", model={"add_tokens": ADD})
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", tree))
+    config = load_config(recipe)
+    grown, line = planned_vocabulary(recipe, config)
+    assert (config.vocab_size, grown.vocab_size) == (512, 576)  # 512 + 2 new tokens, padded to a multiple of 64
+    assert "from 512 to 576 rows" in line
+    same, none = planned_vocabulary(load_recipe(write_recipe(tmp_path / "p.yaml", tiny_recipe(assets, tmp_path))),
+                                    config)  # fmt: skip
+    assert same is config and none is None
+
+
 # ---------------------------------------------------------------------------------------- a random start, refusals
 
 
