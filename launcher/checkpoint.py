@@ -306,7 +306,7 @@ def branch(
     data state and, when the world size changed, every old rank's, else (None, None). Collective.
 
     The checkpoint must come from the recipe's engine; the pre-flight check refuses anything else before the
-    workers start (:func:`launcher.preflight.check_init_from`), so this is the last line of defence."""
+    workers start (:func:`launcher.init_from.check_init_from`), so this is the last line of defence."""
     state = json.loads((path / "trainer_state.json").read_text())
     saved_engine, engine_name = state.get("engine"), engine.recipe.parallel.engine
     if saved_engine not in (None, engine_name):

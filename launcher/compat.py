@@ -126,3 +126,61 @@ def deepspeed_engine_config(engine: Any) -> Any:
     config = _require(engine, "_config", what)
     _require(config, "load_universal_checkpoint", what)
     return config
+
+
+class _WriteRecorder:
+    """A file that remembers the OS error of a failed write, flush or tell (a buffered file writes when it flushes).
+    torch.save writes through C++, which turns that error into "unexpected pos N vs M" and drops it: a full disk or
+    quota would not be named."""
+
+    def __init__(self, stream: Any, owner: Any, path: Any):
+        self._stream = stream
+        self._owner = owner
+        self._path = path
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self._stream, name)
+        if not callable(value):
+            return value
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return value(*args, **kwargs)
+            except OSError as e:
+                if self._owner.failure is None:
+                    from .files import named_os_error
+
+                    self._owner.failure = named_os_error(e, self._path)
+                raise
+
+        return call
+
+
+def dcp_writer_naming_os_errors(path: str) -> Any:
+    """torch.distributed.checkpoint's ``FileSystemWriter`` for ``path``, with a ``failure()`` method that returns the
+    first OS error of a write (None if none): its private ``fs`` (the ``FileSystem`` its streams come from, torch
+    2.11 to 2.13) is replaced, for this writer only, by one whose streams record it."""
+    import torch
+    from torch.distributed.checkpoint import FileSystemWriter
+    from torch.distributed.checkpoint.filesystem import FileSystem
+
+    check_version("torch", torch.__version__, "FileSystemWriter.fs")
+
+    class RecordingFileSystem(FileSystem):
+        failure: OSError | None = None
+
+        @contextlib.contextmanager
+        def create_stream(self, path: Any, mode: str) -> Iterator[Any]:
+            with super().create_stream(path, mode) as stream:
+                yield _WriteRecorder(stream, self, path) if "w" in mode or "a" in mode else stream
+
+    class Writer(FileSystemWriter):
+        def __init__(self, path: str):
+            super().__init__(path)
+            _require(self, "fs", "torch.distributed.checkpoint.FileSystemWriter.fs")
+            self.fs = RecordingFileSystem()
+
+        def failure(self) -> OSError | None:
+            return self.fs.failure
+
+    return Writer(path)

@@ -12,8 +12,9 @@ def test_quickstart_fast(tmp_path):
 
     out = tmp_path / "qs"
     p = cpt("quickstart", "--fast", "--output-dir", str(out), timeout=600)
-    assert "stage 1/2: pretraining the base model" in p.stdout
-    assert "stage 2/2: continual pretraining" in p.stdout
+    assert "stage 1/3: pretraining the base model" in p.stdout
+    assert "stage 2/3: continual pretraining" in p.stdout
+    assert "stage 3/3: the same, replaying English prose" in p.stdout
     run = out / "cpt"
     results = json.loads((run / "eval_results.json").read_text())
     assert set(results) == {"code", "prose"}
@@ -29,6 +30,13 @@ def test_quickstart_fast(tmp_path):
     assert evals[-1]["eval"]["code"]["loss"] < evals[0]["eval"]["code"]["loss"], "no adaptation to code"
     for line in ("Perplexity before -> after", "code:", "prose:", str(run)):
         assert line in p.stdout, line
+    # The replay run mixes prose into the code by its falling schedule, and the closing lines compare the two runs.
+    replay = [m for m in read_metrics(out / "cpt-replay") if "loss" in m]
+    shares = [m["data/weight/prose-replay"] for m in replay]
+    assert shares[0] == 0.3 and shares[0] > shares[-1] > 0.1, shares
+    assert replay[-1]["data/mix/prose-replay"] > 0.1
+    tail = p.stdout[p.stdout.index("[quickstart] replay:") :]
+    assert "without replay" in tail and "with replay" in tail and "prose perplexity rose" in tail
     model = AutoModelForCausalLM.from_pretrained(run / "final")
     tok = AutoTokenizer.from_pretrained(run / "final")
     ids = tok("def main():", return_tensors="pt").input_ids

@@ -5,30 +5,25 @@ batches out round-robin, so batch ``n`` of a rank always comes from worker ``n %
 its reader's state after it. The trainer keeps the state of the last batch it consumed from each worker, so a
 checkpoint records exactly what was consumed, not what the workers had prefetched.
 
-Also here: what the DataLoader workers do differently from the trainer (signals, tokenizer threads), and the
-data metrics of the training log (the mixture consumed, a running hash of the consumed token ids).
+Also here: the data metrics of the training log (the mixture consumed, a running hash of the consumed token ids).
+What runs inside the DataLoader workers is in :mod:`launcher.data.workers`.
 """
 
 from __future__ import annotations
 
-import atexit
 import hashlib
 import logging
-import os
-import signal
 import weakref
 from collections.abc import Iterator
 from typing import Any
 
-import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader
 
-from launcher.compat import shutdown_dataloader_workers
 from launcher.config import DataConfig, SourceConfig, source_labels, weight_at
-from launcher.data.mixture import Mixture, valid_reader_state
-from launcher.data.packing import document_position_ids, eos_id_of
-from launcher.data.readers import OpenedSource, open_training_source
+from launcher.data.mixture import valid_reader_state
+from launcher.data.packing import eos_id_of
+from launcher.data.readers import open_training_source
 from launcher.data.reshard import (
     merged_hash,
     merged_source_tokens,
@@ -37,8 +32,9 @@ from launcher.data.reshard import (
     open_divisions,
     redivide,
 )
-from launcher.data.sources import DataError, describe_failure
+from launcher.data.sources import DataError
 from launcher.data.spec import StreamSpec, budgets_of
+from launcher.data.workers import RUNNING_LOADERS, RankShare, init_worker, source_paths, stop_workers
 
 logger = logging.getLogger(__name__)
 
@@ -49,120 +45,6 @@ optional (a weight schedule's ``targets`` and ``micro`` in the reader states, ``
 them loads as before."""
 
 READABLE_VERSIONS = (2, 3)
-
-PREEMPTION_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
-"""Signals DataLoader workers ignore: the trainer acts on them. A worker still stops when its trainer does."""
-
-_RUNNING_LOADERS: weakref.WeakSet[Any] = weakref.WeakSet()
-"""DataLoader iterators whose worker processes may still run."""
-
-
-def _stop_workers(iterator: Any) -> None:
-    """Stop the workers of ``iterator`` once; an iterator without workers, or stopped before, is left alone (a
-    generator finalised at interpreter exit may get here after the exit hook, when imports no longer work)."""
-    if iterator in _RUNNING_LOADERS:
-        _RUNNING_LOADERS.discard(iterator)
-        shutdown_dataloader_workers(iterator)
-
-
-def _stop_running_workers() -> None:
-    """At interpreter exit, stop the workers of the DataLoader iterators still alive. multiprocessing would end
-    them with SIGTERM, which they ignore, and then wait for them forever. Registered after the DataLoader's own
-    exit hook, so it runs before it, while the DataLoader can still shut its workers down."""
-    for iterator in list(_RUNNING_LOADERS):
-        _stop_workers(iterator)
-
-
-atexit.register(_stop_running_workers)
-
-
-def _init_worker(worker_id: int) -> None:
-    """Workers ignore the preemption signals: schedulers send them to every process of a job (Slurm) or of a
-    process group, and a worker that exits on one makes its rank fail before it can checkpoint.
-
-    Workers tokenize serially: the Rust thread pool of ``tokenizers`` can deadlock after a fork. (Where the
-    parent already used the pool, ``tokenizers`` itself turns parallelism off in the child; setting it here
-    also covers a parent that did not, and silences the warning.)"""
-    for name in PREEMPTION_SIGNALS:
-        signal.signal(getattr(signal, name), signal.SIG_IGN)
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    try:
-        import fsspec.asyn
-
-        fsspec.asyn.reset_lock()  # an fsspec event loop inherited from the parent would hang remote reads
-    except (ImportError, AttributeError):
-        pass
-
-
-def _paths(sources: list[SourceConfig]) -> str:
-    return ", ".join(s.path for s in sources)
-
-
-class _RankShare(IterableDataset):
-    """This rank's training batches as produced inside one DataLoader worker (or the caller, with no workers).
-
-    Yields dicts: a batch (``input_ids``, ``labels``, optionally ``position_ids``) with ``source_tokens`` (tokens
-    of each source in it), ``worker`` and ``state`` (the reader's state after it); a placeholder
-    (``{"placeholder": True}``) that keeps the DataLoader's round-robin aligned after a resume; or
-    ``{"error": message}`` as its last item, so the caller can raise a clean DataError.
-
-    ``start_batches`` batches were consumed before; each worker continues from its saved state in ``states``, or,
-    with ``replay``, produces the batches before the position again and drops them.
-    """
-
-    def __init__(
-        self, sources: list[OpenedSource], spec: StreamSpec, tokenizer: Any, *, start_batches: int,
-        states: list[dict[str, Any] | None], replay: bool,
-    ):  # fmt: skip
-        super().__init__()
-        self.sources = sources
-        self.spec = spec
-        self.tokenizer = tokenizer
-        self.start_batches = start_batches
-        self.states = states
-        self.replay = replay
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        info = get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        try:
-            yield from self._batches(worker, num_workers)
-        except DataError as e:
-            yield {"error": str(e)}
-        except Exception as e:
-            yield {"error": describe_failure([s.resolved for s in self.sources], e)}
-
-    def _what(self, worker: int, num_workers: int) -> str:
-        where = f"rank {self.spec.rank} of {self.spec.world_size}"
-        if num_workers > 1:
-            where += f", DataLoader worker {worker} of {num_workers}"
-        return f"training data {_paths([s.config for s in self.sources])} ({where})"
-
-    def _batches(self, worker: int, num_workers: int) -> Iterator[dict[str, Any]]:
-        spec = self.spec
-        done = self.start_batches
-        if worker < done % num_workers:
-            # The DataLoader always asks worker 0 first, but batch `done` belongs to worker done % num_workers.
-            yield {"placeholder": True}
-        mixture = Mixture(
-            self.sources, spec, self.tokenizer, reader=spec.rank * num_workers + worker,
-            num_readers=spec.world_size * num_workers, what=self._what(worker, num_workers),
-        )  # fmt: skip
-        skip = len(range(worker, done, num_workers)) if self.replay else 0
-        saved = None if self.replay else self.states[worker]
-        if saved is not None:
-            mixture.restore(saved)
-        for ids, counts, step in mixture.batches_forever():
-            if skip:
-                skip -= 1
-                continue
-            # numpy builds the tensor from a list of ints several times faster than torch.tensor does.
-            input_ids = torch.from_numpy(np.array(ids, dtype=np.int64)).view(spec.micro_batch_size, spec.seq_len)
-            batch: dict[str, Any] = {"input_ids": input_ids, "labels": input_ids.clone()}
-            if spec.document_masking:
-                batch["position_ids"] = document_position_ids(input_ids, spec.eos_id)
-            batch.update(source_tokens=counts, worker=worker, state=mixture.state(), step=step)
-            yield batch
 
 
 def _chain_hash(previous: str, input_ids: torch.Tensor) -> str:
@@ -238,7 +120,7 @@ class TrainStream:
             raise ValueError("a weight schedule does not work with stopping=token_budget (the budgets are fixed)")
         self.spec = StreamSpec(
             seq_len=seq_len, micro_batch_size=micro_batch_size, rank=rank, world_size=world_size, seed=seed,
-            eos_id=eos_id_of(tokenizer, f"training data {_paths(self.sources)}"), shuffle_buffer=shuffle_buffer,
+            eos_id=eos_id_of(tokenizer, f"training data {source_paths(self.sources)}"), shuffle_buffer=shuffle_buffer,
             stopping=stopping, budgets=budgets_of(self.sources, stopping, token_budget),
             document_masking=document_masking, grad_accum=grad_accum,
         )  # fmt: skip
@@ -294,7 +176,7 @@ class TrainStream:
         self._active = None
 
     def _iterate(self) -> Iterator[dict[str, torch.Tensor]]:
-        share = _RankShare(
+        share = RankShare(
             self._sources, self.spec, self.tokenizer, start_batches=self._batches, states=list(self._states),
             replay=self._replay,
         )  # fmt: skip
@@ -304,11 +186,11 @@ class TrainStream:
             batch_size=None,
             num_workers=workers,
             prefetch_factor=self.prefetch_factor if workers else None,
-            worker_init_fn=_init_worker if workers else None,
+            worker_init_fn=init_worker if workers else None,
         )
         iterator = iter(loader)
         if workers:
-            _RUNNING_LOADERS.add(iterator)
+            RUNNING_LOADERS.add(iterator)
         try:
             for item in iterator:
                 if "error" in item:
@@ -325,7 +207,7 @@ class TrainStream:
                 self._hash = _chain_hash(self._hash, item["input_ids"])
                 yield {k: item[k] for k in ("input_ids", "labels", "position_ids") if k in item}
         finally:
-            _stop_workers(iterator)
+            stop_workers(iterator)
 
     def _layout(self) -> dict[str, Any]:
         """Everything the data order depends on; a resume is exact only when it is unchanged."""

@@ -15,6 +15,7 @@ import torch.distributed.checkpoint as dcp
 from accelerate import init_empty_weights
 from torch import nn
 from torch.distributed.checkpoint import DefaultLoadPlanner, HuggingFaceStorageReader
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -28,8 +29,9 @@ from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
+from ..compat import dcp_writer_naming_os_errors
 from ..config import BatchLayout, Recipe
-from ..files import torch_save
+from ..files import os_error_in, torch_save
 from ..launch import DistInfo
 from ..model import decoder_layers, init_checkpoint, meta_model, weights_source
 from ..weights import LazyWeights, WeightsError, check_weights, init_tensors, local_model_dir
@@ -157,7 +159,15 @@ class FsdpEngine(Engine):
 
     def save(self, path: Path) -> None:
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
+        writer = dcp_writer_naming_os_errors(str(path))
+        try:
+            dcp.save({"model": model_sd, "optim": optim_sd}, storage_writer=writer)
+        except (Exception, CheckpointException) as e:  # (not an Exception)
+            # A write the storage refused inside torch.save comes out as "unexpected pos": name the OS error.
+            failure = writer.failure()
+            if failure is None or os_error_in(e) is not None:
+                raise
+            raise failure from e
         if self.info.rank == 0:
             torch_save(self.scheduler.state_dict(), path / "scheduler.pt")
 
