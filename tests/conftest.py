@@ -3,6 +3,7 @@ function run on several gloo ranks, and the end-of-run list of what did not run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -92,6 +93,21 @@ def run(cmd: list[str], timeout: float = 420, **env: str) -> subprocess.Complete
 
 def cpt(*args: str, timeout: float = 420, **env: str) -> subprocess.CompletedProcess:
     return run([sys.executable, "-m", "launcher", *args], timeout=timeout, **env)
+
+
+def kill_whole_job(proc: subprocess.Popen) -> None:
+    """SIGKILL a job started with ``start_new_session=True`` all at once: cpt and torchrun (one process group) and
+    every worker (torchrun starts each in a session of its own)."""
+    import signal
+
+    import psutil
+
+    family = psutil.Process(proc.pid).children(recursive=True)
+    os.killpg(proc.pid, signal.SIGKILL)
+    for p in family:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    proc.wait()
 
 
 def read_metrics(out: Path) -> list[dict]:

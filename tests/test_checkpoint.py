@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
-from conftest import REPO, cpt, read_metrics, tiny_recipe, train_losses, worker_env, write_recipe
+from conftest import REPO, cpt, kill_whole_job, read_metrics, tiny_recipe, train_losses, worker_env, write_recipe
 from safetensors.torch import load_file
 
 ENGINES = [("deepspeed", "zero3.json"), ("fsdp", "fsdp.yaml")]
@@ -45,14 +41,7 @@ def test_sigkill_of_the_whole_job_then_resume_is_bit_exact(assets, tmp_path, eng
     while time.time() < end and not (killed / "checkpoints" / "step-4").is_dir():
         assert proc.poll() is None, "run ended before it could be killed"
         time.sleep(0.05)
-    # The whole job, mid-step: cpt and torchrun (one process group) and every worker (torchrun starts each in a
-    # session of its own), all at once.
-    family = psutil.Process(proc.pid).children(recursive=True)
-    os.killpg(proc.pid, signal.SIGKILL)
-    for p in family:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.kill()
-    proc.wait()
+    kill_whole_job(proc)  # mid-step
     assert max(m["step"] for m in read_metrics(killed) if "loss" in m) < 8
     cpt("run", str(killed_recipe))
     a, b = train_losses(straight), train_losses(killed)

@@ -14,10 +14,9 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 import yaml
-from conftest import REPO, cpt, read_metrics, tiny_recipe, worker_env, write_recipe
+from conftest import REPO, cpt, kill_whole_job, read_metrics, tiny_recipe, worker_env, write_recipe
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
@@ -203,13 +202,7 @@ def test_a_run_killed_before_the_change_resumes_bit_exact_across_it(assets, tmp_
             assert proc.poll() is None, f"run ended before it could be killed:\n{tail(killed_recipe)}"
             assert time.time() < end, "no checkpoint of step 4 in time"
             time.sleep(0.05)
-        # The whole job at once, mid-run: cpt and torchrun (one process group) and every worker.
-        family = psutil.Process(proc.pid).children(recursive=True)
-        os.killpg(proc.pid, signal.SIGKILL)
-        for p in family:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                p.kill()
-        proc.wait()
+        kill_whole_job(proc)  # mid-run
         assert reference.wait(timeout=240) == 0, tail(straight_recipe)
     finally:
         for p in (proc, reference):
