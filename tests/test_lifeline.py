@@ -151,3 +151,25 @@ def test_status_names_the_owner_and_the_progress_of_a_live_run(assets, tmp_path)
     assert 3 <= int(fields["last step"]) <= max(logged_steps(out)), text
     step = int(fields["last checkpoint"].rsplit("step-", 1)[1])
     assert fields["last checkpoint"] == str(out / "checkpoints" / f"step-{step}") and step % 2 == 0, text
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the clock-tick start time is Linux's /proc")
+def test_a_step_of_the_wall_clock_does_not_make_the_launcher_look_gone(monkeypatch):
+    """An NTP step of the wall clock moves every process's start time as psutil gives it (boot time + ticks since
+    boot): the watch must not take that for its launcher having been replaced, and stop every worker of a job."""
+    import psutil._pslinux
+
+    from launcher.launch import lifeline
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        mark = lifeline._start_mark(child.pid)
+        before = psutil.Process(child.pid).create_time()
+        real = psutil._pslinux.boot_time
+        monkeypatch.setattr(psutil._pslinux, "boot_time", lambda: real() + 5.0)  # the clock stepped 5 s ahead
+        assert psutil.Process(child.pid).create_time() == pytest.approx(before + 5.0)
+        assert not lifeline._gone(child.pid, mark)
+    finally:
+        child.kill()
+        child.wait()
+    assert lifeline._gone(child.pid, mark)

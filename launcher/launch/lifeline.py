@@ -34,16 +34,34 @@ def _is_launch(command: str) -> bool:
     return any(word in f" {command} " for word in _LAUNCH_COMMANDS)
 
 
-def _launch_ancestors() -> list[tuple[int, float, str]]:
-    """(pid, start time, command) of the parent, and of the ancestors above it while they are launch processes
+def _start_mark(pid: int) -> tuple[str, float]:
+    """When process ``pid`` started, as a mark that tells it from a later process of the same pid: on Linux its start
+    in clock ticks since boot (``/proc/<pid>/stat``), which no clock change moves; elsewhere psutil's start time
+    (seconds since the epoch: an NTP step of the wall clock moves it). Raises psutil.NoSuchProcess if it is gone."""
+    import psutil
+
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        return "ticks", float(fields[19])  # field 22, starttime (fields[0] is field 3, the state)
+    except FileNotFoundError:
+        if os.path.isdir("/proc/self"):
+            raise psutil.NoSuchProcess(pid) from None
+    except (OSError, IndexError, ValueError):
+        pass
+    return "time", psutil.Process(pid).create_time()
+
+
+def _launch_ancestors() -> list[tuple[int, tuple[str, float], str]]:
+    """(pid, start mark, command) of the parent, and of the ancestors above it while they are launch processes
     (a user's shell or scheduler above the launch is not watched)."""
     import psutil
 
-    chain: list[tuple[int, float, str]] = []
+    chain: list[tuple[int, tuple[str, float], str]] = []
     proc = psutil.Process(os.getpid()).parent()
     while proc is not None and proc.pid > 1:
         try:
-            command, started, parent = " ".join(proc.cmdline()), proc.create_time(), proc.parent()
+            command, started, parent = " ".join(proc.cmdline()), _start_mark(proc.pid), proc.parent()
         except psutil.Error:
             break
         if chain and not _is_launch(command):
@@ -53,12 +71,16 @@ def _launch_ancestors() -> list[tuple[int, float, str]]:
     return chain
 
 
-def _gone(pid: int, started: float) -> bool:
+def _gone(pid: int, started: tuple[str, float]) -> bool:
+    """Whether the process that had ``pid`` and start mark ``started`` has exited (or is a zombie). A pid taken by
+    a new process has another start; the wall clock stepping (NTP) does not count as one."""
     import psutil
 
     try:
-        proc = psutil.Process(pid)
-        return abs(proc.create_time() - started) > 1.0 or proc.status() == psutil.STATUS_ZOMBIE
+        kind, value = _start_mark(pid)
+        if kind != started[0] or abs(value - started[1]) > (0 if kind == "ticks" else 1.0):
+            return True
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return True
 
