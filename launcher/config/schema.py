@@ -288,6 +288,13 @@ class TrainConfig:
     every rank, into output_dir/profile/ with a summary of the GPU's busy time and top operators. Skip the first
     steps, which include torch.compile. Empty: off."""
 
+    def wsd_decay_steps(self) -> int:
+        """Steps of a WSD schedule's final decay: ``decay_steps``, or ``decay_fraction`` of ``max_steps`` (at least
+        one)."""
+        if self.decay_steps is not None:
+            return self.decay_steps
+        return max(1, round((self.decay_fraction or 0.0) * self.max_steps))
+
 
 @dataclass
 class EvalConfig:

@@ -286,9 +286,9 @@ def _check_schedule(r: Recipe, problems: list[str]) -> None:
     if t.decay_fraction is not None and not 0 < t.decay_fraction <= 1:
         problems.append(f"train.decay_fraction: must be within (0, 1], got {t.decay_fraction}")
         return
-    # Under train.max_tokens the steps are derived at launch; the engine checks the same then.
+    # Under train.max_tokens the steps follow from the world size at launch: not checked here.
     if t.max_tokens is None and t.max_steps > 0:
-        decay = t.decay_steps if t.decay_steps is not None else max(1, round(t.decay_fraction * t.max_steps))
+        decay = t.wsd_decay_steps()
         if t.warmup_steps + decay > t.max_steps:
             problems.append(
                 f"train.decay_steps: the warmup ({t.warmup_steps} steps) and the decay ({decay} steps) do not fit in "

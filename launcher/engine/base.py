@@ -28,14 +28,6 @@ def resolve_dtype(recipe: Recipe, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if p == "bf16" else torch.float32
 
 
-def decay_steps(recipe: Recipe) -> int:
-    """Steps of a WSD schedule's final decay: ``train.decay_steps``, or ``decay_fraction`` of ``max_steps``."""
-    t = recipe.train
-    if t.decay_steps is not None:
-        return t.decay_steps
-    return max(1, round((t.decay_fraction or 0.0) * t.max_steps))
-
-
 DECAY_SHAPES = {
     "linear": lambda p: 1 - p,
     "cosine": lambda p: 0.5 * (1 + math.cos(math.pi * p)),
@@ -51,7 +43,7 @@ def lr_lambda(recipe: Recipe):
     t = recipe.train
     warm, total, floor = t.warmup_steps, max(1, t.max_steps), t.min_lr_ratio
     if t.schedule == "wsd":
-        decay = decay_steps(recipe)
+        decay = t.wsd_decay_steps()
         start, shape = total - decay, DECAY_SHAPES[t.decay_shape]
     else:
         # cosine and linear decay over the whole run after warmup (constant never reaches the shape)
