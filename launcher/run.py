@@ -34,7 +34,7 @@ def nproc(recipe: Recipe) -> int:
 def run_recipe(recipe_path: str, overrides: list[str]) -> int:
     """Check everything, then start the workers on this machine (or run here if a launcher already did)."""
     if detect_launcher() is not None:
-        return train.main([recipe_path, *overrides])
+        train.exit_worker(train.main([recipe_path, *overrides]))
     recipe = load_or_exit(recipe_path, overrides, world_size=nproc, check_files=True)
     # The lock is this job's from here on: the workers (and, under Slurm, every node's cpt run) carry its token.
     os.environ[TOKEN_ENV] = token = job_token()
