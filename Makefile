@@ -1,6 +1,7 @@
 # Two commands on a fresh machine:
 #   make quickstart   # builds a tiny base model, then a real continual-pretraining run (2 workers, ZeRO-3), CPU only
 #   make test         # the test suite (real multi-process gloo, DeepSpeed, FSDP2, torchrun, deepspeed CLI)
+#   make test-gpu     # only the gpu-marked tests, on a machine with CUDA GPUs (PY=python3: no .venv, see README)
 # Both create .venv and install what they need. Without a GPU, torch is the CPU build (TORCH_SPEC below).
 
 PYTHON ?= python3
@@ -10,7 +11,7 @@ STAMP := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install quickstart test lint format clean
+.PHONY: install quickstart test test-gpu lint format clean
 
 install: $(STAMP)
 
@@ -31,6 +32,15 @@ quickstart: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# Only the tests marked gpu, with DeepSpeed on CUDA. Without a CUDA device they would all skip, which is no pass:
+# stop with an error instead. PY=python3 runs them with that interpreter as it is (no .venv is built), e.g. with
+# the packages installed under PYTHONPATH.
+test-gpu: $(if $(filter $(VENV)/bin/python,$(PY)),$(STAMP))
+	@$(PY) -c 'import sys, torch; n = torch.cuda.device_count() if torch.cuda.is_available() else 0; \
+		print(f"test-gpu: torch {torch.__version__}, {n} CUDA device(s)"); sys.exit(n == 0)' \
+		|| { echo "test-gpu: $(PY) sees no CUDA device (or cannot import torch); the GPU tests need one" >&2; exit 1; }
+	DS_ACCELERATOR=cuda NCCL_NVLS_ENABLE=$${NCCL_NVLS_ENABLE:-0} $(PY) -m pytest -q -m gpu $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check launcher tests benchmarks

@@ -1,11 +1,14 @@
 """The baseline: Hugging Face Trainer + DeepSpeed ZeRO-3, the path LLaMA-Factory's pretraining stage takes.
 
     torchrun --nproc_per_node N benchmarks/hf_trainer_baseline.py --model DIR --data FILE.jsonl \
-        --micro-batch 4 --global-batch 32 --steps 12 --out OUT.json
+        --micro-batch 4 --global-batch 32 --steps 12 --out OUT.json [--zero 2] [--liger]
 
 Same model config, tokenizer, packed text and global batch as our runs; the DeepSpeed config is the usual
-ZeRO-3 one of that stack (HF "auto" values, overlap_comm, contiguous gradients, bf16). Tokens/s per GPU is
-measured from the wall time of each optimizer step after ``--warmup`` steps, the same way our metrics do.
+ZeRO-3 one of that stack (HF "auto" values, overlap_comm, contiguous gradients, bf16), or with ``--zero 2`` the
+ZeRO-2 one of LLaMA-Factory's examples (examples/deepspeed/ds_z2_config.json). ``--liger`` turns on the Trainer's
+``use_liger_kernel`` (Liger's Triton RMSNorm, SwiGLU, rotary and fused linear cross-entropy; needs liger-kernel).
+Tokens/s per GPU is measured from the wall time of each optimizer step after ``--warmup`` steps, the same way our
+metrics do.
 """
 
 from __future__ import annotations
@@ -20,6 +23,31 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+# zero_optimization of the usual configs of that stack: HF's "auto" ZeRO-3, LLaMA-Factory's ds_z2_config.json
+ZERO = {
+    3: {
+        "stage": 3,
+        "overlap_comm": True,
+        "contiguous_gradients": True,
+        "reduce_bucket_size": "auto",
+        "stage3_prefetch_bucket_size": "auto",
+        "stage3_param_persistence_threshold": "auto",
+        "stage3_max_live_parameters": 1e9,
+        "stage3_max_reuse_distance": 1e9,
+        "stage3_gather_16bit_weights_on_model_save": True,
+    },
+    2: {
+        "stage": 2,
+        "allgather_partitions": True,
+        "allgather_bucket_size": 5e8,
+        "overlap_comm": False,
+        "reduce_scatter": True,
+        "reduce_bucket_size": 5e8,
+        "contiguous_gradients": True,
+        "round_robin_gradients": True,
+    },
+}
+
 
 def main() -> int:
     p = argparse.ArgumentParser()
@@ -30,6 +58,8 @@ def main() -> int:
     p.add_argument("--global-batch", type=int, default=32)
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--warmup", type=int, default=4)
+    p.add_argument("--zero", type=int, choices=[2, 3], default=3, help="DeepSpeed ZeRO stage")
+    p.add_argument("--liger", action="store_true", help="Liger kernels (TrainingArguments.use_liger_kernel)")
     p.add_argument("--out", required=True)
     p.add_argument("--local_rank", type=int, default=None)
     args = p.parse_args()
@@ -82,24 +112,14 @@ def main() -> int:
         "train_batch_size": "auto",
         "gradient_clipping": "auto",
         "bf16": {"enabled": "auto"},
-        "zero_optimization": {
-            "stage": 3,
-            "overlap_comm": True,
-            "contiguous_gradients": True,
-            "reduce_bucket_size": "auto",
-            "stage3_prefetch_bucket_size": "auto",
-            "stage3_param_persistence_threshold": "auto",
-            "stage3_max_live_parameters": 1e9,
-            "stage3_max_reuse_distance": 1e9,
-            "stage3_gather_16bit_weights_on_model_save": True,
-        },
+        "zero_optimization": ZERO[args.zero],
     }
     targs = TrainingArguments(
         output_dir=str(Path(args.out).with_suffix(".trainer")), per_device_train_batch_size=args.micro_batch,
         gradient_accumulation_steps=accum, max_steps=args.steps, learning_rate=3e-4, warmup_steps=2,
         lr_scheduler_type="cosine", weight_decay=0.1, max_grad_norm=1.0, bf16=cuda, logging_steps=1,
         save_strategy="no", report_to=[], deepspeed=ds_config, dataloader_num_workers=2, seed=42,
-        use_cpu=not cuda,
+        use_cpu=not cuda, use_liger_kernel=args.liger,
     )  # fmt: skip
     config = AutoConfig.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
@@ -128,7 +148,7 @@ def main() -> int:
     fpt = flops_per_token(config, args.seq_len, param_counts(config).total)
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     record = {
-        "engine": "hf-trainer+deepspeed-zero3",
+        "engine": f"hf-trainer+deepspeed-zero{args.zero}" + ("+liger" if args.liger else ""),
         "gpus": world,
         "micro_batch": args.micro_batch,
         "global_batch": args.global_batch,

@@ -1,4 +1,5 @@
-"""GPU speed: our recipes on both engines against HF Trainer + DeepSpeed ZeRO-3, in one call on one machine.
+"""GPU speed: our recipes on both engines against HF Trainer + DeepSpeed and a plain FSDP2 loop, in one call on one
+machine.
 
     python benchmarks/speed_gpu.py --assets bench_assets --out /tmp/speed [--steps 12] [--runs fsdp baseline ...]
 
@@ -6,13 +7,20 @@ The model is the 1.1B Llama shape of ``recipes/llama-1b-scratch.yaml`` (hidden 2
 4 KV heads, FFN 5632) with the vocabulary of a 32K BPE tokenizer, trained on real text (Python's standard
 library source, streamed, tokenized and packed by the data pipeline with 2 DataLoader workers per rank), seq 2048,
 bf16. ``--assets`` is a directory made by ``benchmarks/e2e_gpu.py``'s builders (``data/code_train.jsonl`` and
-``llama-1b/`` with config and tokenizer); it is built when missing.
+``llama-1b/`` with config and tokenizer); it is built when missing, with the larger shapes of recipes/models/
+(``llama3-8b/``, ``llama-3.2-3b/``) given the same tokenizer.
 
 Every run is an ordinary ``cpt run`` of the recipe with command-line overrides; tokens/s per GPU is taken over the
 steps after ``--warmup`` (the first steps include torch.compile's kernel generation), from the per-step
 ``step_time`` in metrics.jsonl; MFU uses the same function as the training logs. For each run the per-GPU memory
 estimate of ``cpt plan`` is recorded next to the measured peak. Writes
 ``benchmarks/results/<date>-speed-<card>.json`` (and a copy under $OUT) and prints a Markdown table.
+
+The baselines run in the same call: ``baseline*`` through ``hf_trainer_baseline.py`` (HF Trainer + DeepSpeed, ZeRO-3
+or ZeRO-2 with Liger kernels), ``plain-*`` through ``plain_fsdp_gpu.py`` (FSDP2 with per-layer compile, random
+tokens). Each run that trains in float8 (``train.float8``, torchao) gets ``x_bf16``, its tokens/s over the bf16 run
+of the same model and engine, and each of ours ``x_plain``, its tokens/s over the plain loop at the same shape, batch,
+GPU count and float8 setting.
 """
 
 from __future__ import annotations
@@ -41,21 +49,31 @@ BUCKETS = [f"{ZERO}reduce_bucket_size=500000000", f"{ZERO}stage3_prefetch_bucket
 DEEPCOMPILE = ["parallel.deepspeed.compile.deepcompile=true"]
 # the Llama-3 8B shape at its native sequence length, every 4th layer checkpointed, no offload, no accumulation
 LLAMA3_8B = ["data.seq_len=8192", "model.activation_checkpointing=true", "model.checkpoint_every=4"]
+# the Llama-3.2 3B shape at seq 4096: micro-batch 2 fits one H200 without checkpointing
+LLAMA3_3B = ["data.seq_len=4096"]
+ROWWISE, TENSORWISE = ["train.float8=rowwise"], ["train.float8=tensorwise"]
+FLOAT8_SUFFIXES = ("-rowwise", "-tensorwise")  # a float8 run is named after its bf16 run plus one of these
 
 
 class Run(NamedTuple):
-    config: str  # engine config in ds_configs/ ("" for the HF Trainer baseline)
+    config: str  # engine config in ds_configs/ ("" for the baselines)
     gpus: int  # GPUs in all
-    micro_batch: int  # the global batch is micro-batch x GPUs (no accumulation)
-    extra: list[str]  # recipe overrides
-    model: str = "llama-1b"  # directory under --assets
+    micro_batch: int  # the global batch is micro-batch x GPUs (no accumulation), BASELINE_GLOBAL_BATCH for "hf"
+    extra: list[str]  # recipe overrides; for the baselines, arguments of their script
+    model: str = "llama-1b"  # key of ensure_assets
     nodes: int = 1  # simulated nodes on the one host (torchrun --nnodes, c10d rendezvous)
     slow: float = 1.0  # times --timeout this run may take (the 8B model takes minutes to build and compile)
+    kind: str = "ours"  # "ours" (cpt run), "plain" (plain_fsdp_gpu.py), "hf" (hf_trainer_baseline.py)
+    scales: bool = False  # --gpus sets its GPU count (the name states none)
+
+
+# 3B runs: one GPU unless --gpus says otherwise; building and compiling 28 layers takes longer than the 1.1B's 22
+SHAPE_3B = {"model": "llama3-3b", "slow": 2.0, "scales": True}
 
 
 RUNS: dict[str, Run] = {
     "fsdp": Run("fsdp.yaml", 2, 16, FAST),
-    "baseline": Run("", 2, 4, []),
+    "baseline": Run("", 2, 4, [], kind="hf"),
     "zero3": Run("zero3.json", 2, 16, FAST),
     "fsdp-1gpu": Run("fsdp.yaml", 1, 16, FAST),
     "fsdp-eager": Run("fsdp.yaml", 2, 16, ["train.compile=false"]),
@@ -82,6 +100,31 @@ RUNS: dict[str, Run] = {
     "fsdp-2nodes-1gpu": Run("fsdp.yaml", 2, 16, FAST, nodes=2),
     "llama3-8b-fsdp": Run("fsdp.yaml", 2, 2, [*FAST, *LLAMA3_8B], model="llama3-8b", slow=3),
     "llama3-8b-zero3": Run("zero3.json", 2, 2, [*FAST, *LLAMA3_8B], model="llama3-8b", slow=3),
+    # float8 (torchao) against the bf16 run of the same name without the suffix
+    "fsdp-1gpu-rowwise": Run("fsdp.yaml", 1, 16, [*FAST, *ROWWISE]),
+    "fsdp-1gpu-tensorwise": Run("fsdp.yaml", 1, 16, [*FAST, *TENSORWISE]),
+    "zero3-1gpu-tensorwise": Run("zero3.json", 1, 16, [*FAST, *TENSORWISE]),
+    "llama3-3b-fsdp": Run("fsdp.yaml", 1, 2, [*FAST, *LLAMA3_3B], **SHAPE_3B),
+    "llama3-3b-fsdp-rowwise": Run("fsdp.yaml", 1, 2, [*FAST, *LLAMA3_3B, *ROWWISE], **SHAPE_3B),
+    "llama3-3b-fsdp-tensorwise": Run("fsdp.yaml", 1, 2, [*FAST, *LLAMA3_3B, *TENSORWISE], **SHAPE_3B),
+    # what is left on one GPU: cuDNN's attention kernel first, a larger micro-batch
+    "fsdp-1gpu-cudnn": Run("fsdp.yaml", 1, 16, [*FAST, "model.attention_backend=cudnn"]),
+    "fsdp-1gpu-mb24": Run("fsdp.yaml", 1, 24, FAST),
+    "fsdp-1gpu-cudnn-mb24": Run("fsdp.yaml", 1, 24, [*FAST, "model.attention_backend=cudnn"]),
+    "llama3-3b-fsdp-mb4": Run("fsdp.yaml", 1, 4, [*FAST, *LLAMA3_3B], **SHAPE_3B),
+    "llama3-3b-fsdp-mb4-tensorwise": Run("fsdp.yaml", 1, 4, [*FAST, *LLAMA3_3B, *TENSORWISE], **SHAPE_3B),
+    "llama3-3b-fsdp-mb4-rowwise": Run("fsdp.yaml", 1, 4, [*FAST, *LLAMA3_3B, *ROWWISE], **SHAPE_3B),
+    # the plain FSDP2 loop with per-layer compile (plain_fsdp_gpu.py), at the shapes of our runs above
+    "plain-fsdp-1gpu": Run("", 1, 16, ["--seq-len", "2048"], kind="plain"),
+    "plain-llama3-3b": Run("", 1, 2, ["--seq-len", "4096"], kind="plain", **SHAPE_3B),
+    "plain-llama3-3b-rowwise": Run("", 1, 2, ["--seq-len", "4096", "--float8", "rowwise"], kind="plain", **SHAPE_3B),
+    "plain-llama3-3b-tensorwise": Run(
+        "", 1, 2, ["--seq-len", "4096", "--float8", "tensorwise"], kind="plain", **SHAPE_3B
+    ),
+    # HF Trainer: on one GPU, and with ZeRO-2 and Liger kernels (liger-kernel installed)
+    "baseline-1gpu": Run("", 1, 4, [], kind="hf"),
+    "baseline-liger": Run("", 2, 8, ["--zero", "2", "--liger"], kind="hf"),
+    "baseline-liger-1gpu": Run("", 1, 8, ["--zero", "2", "--liger"], kind="hf"),
 }
 BASELINE_GLOBAL_BATCH = 32
 # tried when the run above fails (recorded under "<name>-fallback", with the failure kept)
@@ -97,17 +140,20 @@ def ensure_assets(root: Path) -> dict[str, Path]:
         c = build_corpora(root / "data", max_code_chars=12_000_000)
         tok = build_tokenizer(root / "tokenizer", [c["prose_train"], c["code_train"]], vocab_size=32000)
         model_dir(root, tok)
-    big = root / "llama3-8b"
-    if not (big / "config.json").is_file():
-        # recipes/models/llama3-8b.json (vocabulary 128256) with the same tokenizer: its ids are a subset
-        big.mkdir(parents=True, exist_ok=True)
-        cfg = json.loads((REPO / "recipes" / "models" / "llama3-8b.json").read_text())
-        small = json.loads((model / "config.json").read_text())
-        cfg.update({k: small[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in small})
-        (big / "config.json").write_text(json.dumps(cfg, indent=2))
-        for f in model.glob("tokenizer*"):
-            shutil.copy(f, big / f.name)
-    return {"llama-1b": model, "llama3-8b": big, "data": data}
+    assets = {"llama-1b": model, "data": data}
+    # recipes/models/<stem>.json (vocabulary 128256) with the same tokenizer: its ids are a subset. Each directory
+    # is named after its config file: tests/test_memory.py rebuilds the recorded runs' recipes from that file.
+    for key, stem in (("llama3-8b", "llama3-8b"), ("llama3-3b", "llama-3.2-3b")):
+        big = assets[key] = root / stem
+        if not (big / "config.json").is_file():
+            big.mkdir(parents=True, exist_ok=True)
+            cfg = json.loads((REPO / "recipes" / "models" / f"{stem}.json").read_text())
+            small = json.loads((model / "config.json").read_text())
+            cfg.update({k: small[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in small})
+            (big / "config.json").write_text(json.dumps(cfg, indent=2))
+            for f in model.glob("tokenizer*"):
+                shutil.copy(f, big / f.name)
+    return assets
 
 
 def run_process(cmd: list[str], env: dict[str, str], timeout: float, log: Path) -> tuple[int, float]:
@@ -198,7 +244,7 @@ def ours(
     else:
         overrides.append(f"parallel.nproc_per_node={gpus}")
         cmd = [sys.executable, "-m", "launcher", "run", str(RECIPE), *overrides]
-        run_env = {**env, "CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in range(gpus))}
+        run_env = {**env, "CUDA_VISIBLE_DEVICES": visible(gpus)}
         rc, wall = run_process(cmd, run_env, timeout, out / f"{name}.log")
         command = "cpt run"
     recipe = load_recipe(RECIPE, overrides, world_size=gpus, check_files=False)
@@ -208,6 +254,7 @@ def ours(
                     "wall_s": round(wall, 1), "command": " ".join([command, str(RECIPE.relative_to(REPO)),
                     *overrides]).replace(str(out), "$OUT"), "overrides": [o.replace(str(out), "$OUT")
                     for o in overrides]}  # fmt: skip
+    record["float8"] = float8_of(run.extra)
     est = estimate(recipe, cfg, gpus)
     record["memory_estimate_gib"] = round(est.total / GIB, 2)
     record["memory_estimate_parts_gib"] = {k: round(v / GIB, 2) for k, v in est.parts.items()}
@@ -240,19 +287,68 @@ def ours(
     return record
 
 
-def baseline(assets: dict[str, Path], out: Path, steps: int, timeout: float, env: dict[str, str]) -> dict:
-    gpus, mb = RUNS["baseline"].gpus, RUNS["baseline"].micro_batch
-    result = out / "baseline.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}",
-           str(REPO / "benchmarks" / "hf_trainer_baseline.py"), "--model", str(assets["llama-1b"]), "--data",
-           str(assets["data"]), "--micro-batch", str(mb), "--global-batch", str(BASELINE_GLOBAL_BATCH),
-           "--steps", str(steps), "--out", str(result)]  # fmt: skip
-    rc, wall = run_process(cmd, env, timeout, out / "baseline.log")
-    record = json.loads(result.read_text()) if result.is_file() else {}
+def float8_of(overrides: list[str]) -> str:
+    return next((o.partition("=")[2] for o in overrides if o.startswith("train.float8=")), "off")
+
+
+def visible(gpus: int) -> str:
+    return ",".join(str(i) for i in range(gpus))
+
+
+def baseline(name: str, assets: dict[str, Path], out: Path, steps: int, timeout: float, env: dict[str, str]) -> dict:
+    """An HF Trainer + DeepSpeed run (``hf_trainer_baseline.py``) at the global batch of our 2-GPU runs."""
+    run = RUNS[name]
+    result = out / f"{name}.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={run.gpus}",
+           str(REPO / "benchmarks" / "hf_trainer_baseline.py"), "--model", str(assets[run.model]), "--data",
+           str(assets["data"]), "--micro-batch", str(run.micro_batch), "--global-batch", str(BASELINE_GLOBAL_BATCH),
+           "--steps", str(steps), "--out", str(result), *run.extra]  # fmt: skip
+    rc, wall = run_process(cmd, {**env, "CUDA_VISIBLE_DEVICES": visible(run.gpus)}, timeout, out / f"{name}.log")
+    record = json.loads(result.read_text()) if result.is_file() else {"gpus": run.gpus}
     record.update(
-        rc=rc, wall_s=round(wall, 1), command=" ".join(cmd).replace(str(out), "$OUT").replace(str(REPO) + "/", "")
-    )
+        model=run.model, seq_len=2048, float8="off", rc=rc, wall_s=round(wall, 1),
+        command=" ".join(cmd).replace(str(out), "$OUT").replace(str(REPO) + "/", ""),
+    )  # fmt: skip
     return record
+
+
+def plain(name: str, assets: dict[str, Path], out: Path, steps: int, timeout: float, env: dict[str, str]) -> dict:
+    """The plain FSDP2 loop (``plain_fsdp_gpu.py``) on random tokens, timed after the same warm-up as our runs."""
+    run = RUNS[name]
+    result = out / f"{name}.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={run.gpus}",
+           str(REPO / "benchmarks" / "plain_fsdp_gpu.py"), "--config", str(assets[run.model]),
+           "--micro-batch", str(run.micro_batch), "--steps", str(steps), "--warmup", str(max(1, min(4, steps - 2))),
+           "--out", str(result), *run.extra]  # fmt: skip
+    env = {**env, "CUDA_VISIBLE_DEVICES": visible(run.gpus)}
+    rc, wall = run_process(cmd, env, timeout * run.slow, out / f"{name}.log")
+    record = json.loads(result.read_text()) if result.is_file() else {"gpus": run.gpus}
+    record.update(
+        model=run.model, rc=rc, wall_s=round(wall, 1),
+        command=" ".join(cmd).replace(str(out), "$OUT").replace(str(REPO) + "/", ""),
+    )  # fmt: skip
+    record.pop("config", None)  # the model directory, in the command
+    return record
+
+
+def ratios(runs: dict[str, dict]) -> None:
+    """x_baseline: tokens/s over the HF Trainer baseline (1.1B shape); x_bf16: a float8 run's over its bf16 run
+    (the name without the float8 suffix); x_plain: one of ours over the plain loop at the same model, sequence,
+    micro-batch, GPU count and float8 setting. Only runs of this call are compared."""
+    tps = {name: r["tokens_per_s_per_gpu"] for name, r in runs.items() if r.get("tokens_per_s_per_gpu")}
+    base_name = next((n for n in ("baseline", "baseline-1gpu") if n in tps), None)
+    same = ("model", "seq_len", "micro_batch", "gpus", "float8")
+    plains = [n for n in tps if runs[n].get("engine") == "plain-fsdp2"]
+    for name in tps:
+        r = runs[name]
+        if base_name and name != base_name and r.get("model") == "llama-1b":
+            r["x_baseline"] = round(tps[name] / tps[base_name], 2)
+        bf16 = next((name.removesuffix(s) for s in FLOAT8_SUFFIXES if name.endswith(s)), None)
+        if bf16 in tps and all(r.get(k) == runs[bf16].get(k) for k in ("model", "gpus", "micro_batch")):
+            r["x_bf16"] = round(tps[name] / tps[bf16], 3)
+        match = [p for p in plains if all(r.get(k) == runs[p].get(k) for k in same)]
+        if r.get("engine") in ("fsdp", "deepspeed") and match:
+            r["x_plain"] = round(tps[name] / tps[match[0]], 3)
 
 
 def weak_scaling(runs: dict[str, dict]) -> dict[str, float]:
@@ -272,19 +368,21 @@ def weak_scaling(runs: dict[str, dict]) -> dict[str, float]:
 
 
 def table(runs: dict[str, dict]) -> str:
-    head = "| run | GPUs | micro/global batch | tokens/s/GPU | MFU | x baseline | peak GiB | estimate GiB | data wait |"
-    rows = [head, "|---|---|---|---|---|---|---|---|---|"]
+    head = ("| run | GPUs | micro/global batch | tokens/s/GPU | MFU | x baseline | x bf16 | x plain | peak GiB | "
+            "estimate GiB | data wait |")  # fmt: skip
+    rows = [head, "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in runs.items():
         tps = r.get("tokens_per_s_per_gpu")
         if not tps:
-            rows.append(f"| {name} | {r.get('gpus')} | | failed (rc {r.get('rc')}) | | | | | |")
+            rows.append(f"| {name} | {r.get('gpus')} | | failed (rc {r.get('rc')}) | | | | | | | |")
             continue
-        ratio = f"{r['x_baseline']:.2f}" if "x_baseline" in r else ""
+        x = {k: f"{r[k]:.2f}" if k in r else "" for k in ("x_baseline", "x_bf16", "x_plain")}
         est = r.get("memory_estimate_gib", "")
         wait = f"{100 * r['data_wait_frac']:.2f}%" if "data_wait_frac" in r else ""
         mfu = f"{100 * (r.get('mfu') or 0):.1f}%"
         rows.append(f"| {name} | {r['gpus']} | {r['micro_batch']}/{r['global_batch']} | {tps:,.0f} | {mfu} | "
-                    f"{ratio} | {r.get('peak_mem_gib')} | {est} | {wait} |")  # fmt: skip
+                    f"{x['x_baseline']} | {x['x_bf16']} | {x['x_plain']} | {r.get('peak_mem_gib')} | {est} | "
+                    f"{wait} |")  # fmt: skip
     return "\n".join(rows)
 
 
@@ -305,8 +403,22 @@ def main() -> int:
         metavar=("FIRST", "LAST"),
         help="profile these steps of every run (train.profile_steps; they are left out of the timing)",
     )
+    p.add_argument(
+        "--gpus", type=int, help="GPU count of the runs whose name states none (llama3-3b-*, plain-llama3-3b*)"
+    )
+    p.add_argument(
+        "--micro-batch",
+        type=int,
+        help="micro-batch of our runs and the plain loop's (the HF Trainer baselines keep theirs: global batch 32)",
+    )
     args = p.parse_args()
     from benchmarks.e2e_gpu import git_revision  # noqa: PLC0415
+
+    for name, run in RUNS.items():
+        if args.gpus and run.scales:
+            RUNS[name] = run = run._replace(gpus=args.gpus)
+        if args.micro_batch and run.kind != "hf":
+            RUNS[name] = run._replace(micro_batch=args.micro_batch)
 
     t0 = time.time()
     out = Path(args.out).resolve()
@@ -318,7 +430,8 @@ def main() -> int:
     record: dict = {
         "date": datetime.date.today().isoformat(), "card": card, "gpus_on_host": torch.cuda.device_count(),
         "model": "llama 1.1B shape (recipes/models/llama-1b.json, 32K BPE vocabulary) unless a run names "
-                 "llama3-8b (recipes/models/llama3-8b.json)", "seq_len": 2048,
+                 "llama3-8b (recipes/models/llama3-8b.json) or llama3-3b (recipes/models/llama-3.2-3b.json)",
+        "seq_len": "2048 unless a run records its own",
         "precision": "bf16", "peak_tflops": 989,
         "git_revision": git_revision(),
         "command": " ".join(["python", "benchmarks/speed_gpu.py", *sys.argv[1:]]), "runs": {},
@@ -333,8 +446,11 @@ def main() -> int:
             record["runs"][name] = {"skipped": "deadline"}
             continue
         print(f"--- {name} ({time.time() - t0:.0f} s)", flush=True)
-        if name == "baseline":
-            r = baseline(assets, out, args.steps, args.timeout, env)
+        kind = RUNS[name].kind
+        if kind == "hf":
+            r = baseline(name, assets, out, args.steps, args.timeout, env)
+        elif kind == "plain":
+            r = plain(name, assets, out, args.steps, args.timeout, env)
         else:
             r = ours(name, assets, out, args.steps, args.timeout, env, args.profile)
         record["runs"][name] = r
@@ -346,12 +462,7 @@ def main() -> int:
                 r = ours(f"{name}-fallback", assets, out, args.steps, args.timeout, env, args.profile)
                 record["runs"][f"{name}-fallback"] = r
                 print(json.dumps({k: v for k, v in r.items() if k not in ("losses", "command")}), flush=True)
-        base = record["runs"].get("baseline", {}).get("tokens_per_s_per_gpu")
-        for run in record["runs"].values():
-            # the baseline trains the 1.1B shape: no ratio for the 8B runs
-            same_model = run.get("model") == "llama-1b"
-            if base and same_model and run.get("tokens_per_s_per_gpu") and run is not record["runs"]["baseline"]:
-                run["x_baseline"] = round(run["tokens_per_s_per_gpu"] / base, 2)
+        ratios(record["runs"])
         record["weak_scaling"] = weak_scaling(record["runs"])
         text = json.dumps(record, indent=2)
         path.write_text(text)

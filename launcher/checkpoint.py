@@ -4,10 +4,14 @@ Layout of ``output_dir/checkpoints/step-N/``: the engine's own files (DeepSpeed 
 torch.distributed.checkpoint directory), ``trainer_state.json`` (step, tokens, dtype), ``data-rank{r}.json``
 (each rank's data position), ``rng-rank{r}.pt``, and the model config and tokenizer, so a checkpoint alone is
 enough to export a Hugging Face model. A directory without the ``.tmp`` suffix is complete by construction.
+
+A save has two halves: :func:`start_save` writes every file but the commit record (the engine's own may go on being
+written in the background, ``train.async_save``), and :meth:`PendingSave.commit` waits for them and commits.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -15,6 +19,9 @@ import os
 import random
 import re
 import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +31,7 @@ import yaml
 from torch.distributed.checkpoint.api import CheckpointException
 
 from .config import to_yaml
-from .engine import PLANS, Engine, plan_for
-from .export import DEFAULT_SHARD_SIZE, write_hf_model
+from .engine import Engine, SaveHandle
 from .files import atomic_write, os_error_in, torch_save, write_text
 from .launch import DistInfo
 
@@ -101,75 +107,126 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save(
-    engine: Engine,
-    info: DistInfo,
-    output_dir: str | Path,
-    step: int,
-    trainer_state: dict[str, Any],
-    data_state: dict[str, Any],
-    tokenizer,
-    keep_last: int,
-) -> Path:
-    """Save and commit ``step-N``; then prune all but the newest ``keep_last``. Collective.
+def start_save(
+    engine: Engine, info: DistInfo, output_dir: str | Path, step: int, trainer_state: dict[str, Any],
+    data_state: dict[str, Any], tokenizer, keep_last: int, *, background: bool = False,
+) -> PendingSave | None:  # fmt: skip
+    """Save ``step-N``: every file of it into ``step-N.tmp`` but the commit record; with ``background``
+    (``train.async_save``) the engine writes its files while training goes on. :meth:`PendingSave.commit` makes it
+    ``step-N``. None when ``step-N`` is committed already. Collective.
 
-    Raises CheckpointError when the storage refuses a write (disk full, quota, file too large, I/O error): then
-    nothing is committed, the newest committed checkpoint stays the one a resume uses, and the partial
-    ``step-N.tmp`` is never resumed from (the next save removes it)."""
+    Raises CheckpointError when the storage refuses a write (disk full, quota, file too large, I/O error), here or in
+    the commit: then nothing is committed, the newest committed checkpoint stays the one a resume uses, and the
+    partial ``step-N.tmp`` is never resumed from (the next save removes it)."""
+    began = time.perf_counter()
     root = checkpoints_dir(output_dir)
     final = root / f"step-{step}"
     if final.is_dir():
-        return final
+        return None
     tmp = root / f"step-{step}.tmp"
+    with _naming_write_failure(tmp, output_dir):
+        if info.rank == 0:
+            for stale in root.glob("step-*.tmp") if root.is_dir() else []:
+                shutil.rmtree(stale)  # saves that failed or were cut short; never resumed from
+            tmp.mkdir(parents=True)
+        _barrier()
+        handle = engine.save(tmp, background=background)
+        # This rank's data position and RNG describe this step: written now, whatever the engine still writes.
+        write_text(tmp / f"data-rank{info.rank}.json", json.dumps(data_state))
+        torch_save(_rng_state(), tmp / f"rng-rank{info.rank}.pt")
+    state = {**trainer_state, "step": step, "world_size": info.world_size, "engine": engine.recipe.parallel.engine,
+             "dtype": str(engine.dtype).removeprefix("torch.")}  # fmt: skip
+    return PendingSave(engine, info, Path(output_dir), tmp, final, state, tokenizer, keep_last, handle, background,
+                       began, time.perf_counter() - began)  # fmt: skip
+
+
+@dataclass
+class PendingSave:
+    """``step-N`` on its way: its files are in ``step-N.tmp``, or still being written there by the engine in the
+    background. :meth:`commit` makes it ``step-N``; until then a resume uses the checkpoint before it."""
+
+    engine: Engine
+    info: DistInfo
+    output_dir: Path
+    tmp: Path
+    final: Path
+    state: dict[str, Any]
+    """trainer_state.json, as it was at the save's step."""
+    tokenizer: Any
+    keep_last: int
+    handle: SaveHandle
+    background: bool
+    began: float
+    start_s: float
+    """Seconds :func:`start_save` took."""
+    stalled_s: float = 0.0
+    """Seconds the training waited for this save, once it is committed: its start, the wait for the copy of the
+    state before the next optimizer step, and the commit (with the wait for the write)."""
+
+    def done_everywhere(self) -> bool:
+        """Whether every rank's write has ended, written or failed. Collective: one all-reduce of one number."""
+        flag = torch.tensor([1.0 if self.handle.done() else 0.0], device=self.info.device)
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+
+    def commit(self) -> Path:
+        """Wait for this rank's write, then commit: the commit record (manifest, trainer_state.json) last and one
+        rename on rank 0, once every rank has finished; then ``latest`` and the pruning of all but the newest
+        ``keep_last``. Collective. Raises CheckpointError, committing nothing, when a write failed."""
+        began = time.perf_counter()
+        tmp, final, main = self.tmp, self.final, self.info.rank == 0
+        if main and not self.handle.done():
+            log.info("checkpoint %s: waiting for its background write to finish", final.name)
+        with _naming_write_failure(tmp, self.output_dir):
+            self.handle.wait()
+            _barrier()
+            if main:
+                self.engine.config.save_pretrained(tmp / "hf")
+                self.tokenizer.save_pretrained(tmp / "hf")
+                write_text(tmp / "resolved_recipe.yaml", to_yaml(self.engine.recipe))
+                # The manifest records every file's size, so a truncated file is caught before a resume trusts it;
+                # trainer_state.json comes last and the rename commits the whole directory at once.
+                files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
+                atomic_write(tmp / MANIFEST, json.dumps(files, indent=2))
+                atomic_write(tmp / "trainer_state.json", json.dumps(self.state, indent=2))
+                os.replace(tmp, final)
+        root = final.parent
+        if main:
+            try:
+                atomic_write(root / "latest", final.name + "\n")
+            except OSError as e:
+                log.warning("checkpoint %s is committed but %s could not be updated: %s", final, root / "latest", e)
+            # Old checkpoints go only once the new one is committed, and with them what was derived from them.
+            for old in complete_checkpoints(self.output_dir)[: -self.keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+            for derived in _orphaned_derivatives(root):
+                shutil.rmtree(derived, ignore_errors=True)
+            log.info("checkpoint committed: %s", final)
+        _barrier()
+        commit_s, copy_s = time.perf_counter() - began, self.handle.stalled_s()
+        self.stalled_s = self.start_s + copy_s + commit_s
+        if main and self.background:
+            written = self.handle.written_s() or time.perf_counter() - self.began
+            log.info("checkpoint %s: training stalled %.2f s, written in background in %.2f s (start %.2f s, waiting "
+                     "for the copy %.2f s, commit %.2f s)", final.name, self.stalled_s, written, self.start_s, copy_s,
+                     commit_s)  # fmt: skip
+        elif main:
+            log.info("checkpoint %s: training stalled %.2f s, written synchronously", final.name, self.stalled_s)
+        return final
+
+
+@contextlib.contextmanager
+def _naming_write_failure(tmp: Path, output_dir: str | Path) -> Iterator[None]:
+    """A write the storage refused becomes a CheckpointError that names the file, the OS error and the checkpoint a
+    resume will use; anything else passes unchanged."""
     try:
-        _write_and_commit(engine, info, tmp, final, step, trainer_state, data_state, tokenizer)
+        yield
     except (Exception, CheckpointException) as e:
         cause = os_error_of(e)
         if cause is None:
             raise
         raise CheckpointError(_write_failure(tmp, output_dir, cause)) from e
-    if info.rank == 0:
-        try:
-            atomic_write(root / "latest", final.name + "\n")
-        except OSError as e:
-            log.warning("checkpoint %s is committed but %s could not be updated: %s", final, root / "latest", e)
-        # Old checkpoints go only once the new one is committed, and with them what was derived from them.
-        for old in complete_checkpoints(output_dir)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
-        for derived in _orphaned_derivatives(root):
-            shutil.rmtree(derived, ignore_errors=True)
-        log.info("checkpoint committed: %s", final)
-    _barrier()
-    return final
-
-
-def _write_and_commit(
-    engine: Engine, info: DistInfo, tmp: Path, final: Path, step: int, trainer_state: dict[str, Any],
-    data_state: dict[str, Any], tokenizer,
-) -> None:  # fmt: skip
-    """Every file of ``step-N`` into ``tmp``, the commit record (manifest, trainer_state.json) last, then the
-    rename to ``final`` on rank 0."""
-    if info.rank == 0:
-        for stale in tmp.parent.glob("step-*.tmp") if tmp.parent.is_dir() else []:
-            shutil.rmtree(stale)  # saves that failed or were cut short; never resumed from
-        tmp.mkdir(parents=True)
-    _barrier()
-    engine.save(tmp)
-    write_text(tmp / f"data-rank{info.rank}.json", json.dumps(data_state))
-    torch_save(_rng_state(), tmp / f"rng-rank{info.rank}.pt")
-    _barrier()
-    if info.rank == 0:
-        engine.config.save_pretrained(tmp / "hf")
-        tokenizer.save_pretrained(tmp / "hf")
-        write_text(tmp / "resolved_recipe.yaml", to_yaml(engine.recipe))
-        # The manifest records every file's size, so a truncated file is caught before a resume trusts it;
-        # trainer_state.json comes last and the rename commits the whole directory at once.
-        files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
-        atomic_write(tmp / MANIFEST, json.dumps(files, indent=2))
-        state = {**trainer_state, "step": step, "world_size": info.world_size, "engine": engine.recipe.parallel.engine,
-                 "dtype": str(engine.dtype).removeprefix("torch.")}  # fmt: skip
-        atomic_write(tmp / "trainer_state.json", json.dumps(state, indent=2))
-        os.replace(tmp, final)
 
 
 class CheckpointError(RuntimeError):
@@ -376,67 +433,6 @@ def _log_batch_change(engine: Engine, path: Path, saved: int) -> None:
         )  # fmt: skip
 
 
-def export_problem(checkpoint: Path, out_dir: Path | None = None) -> str | None:
-    """Why ``checkpoint`` cannot be exported (to ``out_dir``), naming the path and what to pass instead; None when
-    it can."""
-    checkpoint = Path(checkpoint)
-    if not checkpoint.is_dir():
-        what = "not a directory" if checkpoint.exists() else "no such directory"
-        return f"{checkpoint}: {what}; pass a checkpoint folder, e.g. runs/NAME/checkpoints/step-N"
-    if not (checkpoint / "trainer_state.json").is_file():
-        return f"{checkpoint}: {_instead_of(checkpoint)}"
-    problem = verify(checkpoint)
-    if problem is not None:
-        return f"{checkpoint}: cannot be exported: {problem}"
-    engine = json.loads((checkpoint / "trainer_state.json").read_text()).get("engine")
-    if engine not in PLANS:
-        return f"{checkpoint / 'trainer_state.json'}: unknown engine {engine!r} (known: {', '.join(PLANS)})"
-    if out_dir is not None:
-        out = Path(out_dir)
-        if out.exists() and not out.is_dir():
-            return f"{out}: not a directory; pass a directory for the model"
-        if out.resolve().is_relative_to(checkpoint.resolve()):
-            return f"{out}: inside the checkpoint {checkpoint}; pass a directory outside it"
-    return None
-
-
 def newest_verified(output_dir: str | Path) -> Path | None:
     """The newest committed checkpoint that verifies, or None (no logging, no process group)."""
     return next((p for p in reversed(complete_checkpoints(output_dir)) if verify(p) is None), None)
-
-
-def _instead_of(path: Path) -> str:
-    """What ``path``, a directory without trainer_state.json, is, and the checkpoint to pass instead."""
-    name = path.name
-    if name.endswith(".tmp") and STEP_RE.match(name.removesuffix(".tmp")):
-        newest = newest_verified(path.parent.parent)
-        instead = f"pass a complete one: the newest is {newest}" if newest else "the run has no complete checkpoint"
-        return f"an unfinished checkpoint (its save did not complete); {instead}"
-    if name == "checkpoints" and (newest := newest_verified(path.parent)) is not None:
-        return f"holds a run's checkpoints; pass one of them, the newest is {newest}"
-    if (newest := newest_verified(path)) is not None:
-        return f"a run's output_dir, not a checkpoint; pass its newest checkpoint {newest}"
-    if (path / "final" / "config.json").is_file():
-        return f"a run's output_dir without a complete checkpoint; its final model {path / 'final'} needs no export"
-    if (path / "config.json").is_file():
-        return "already a Hugging Face model (config.json, no trainer_state.json); it needs no export"
-    return "no trainer_state.json, so not a checkpoint; pass a checkpoint folder, e.g. runs/NAME/checkpoints/step-N"
-
-
-def export(checkpoint: Path, out_dir: Path, max_shard_size: str | int = DEFAULT_SHARD_SIZE) -> Path:
-    """A consolidated Hugging Face model from a checkpoint, in one process, without a process group, read and
-    written one decoder layer at a time (memory: one safetensors shard of at most ``max_shard_size`` plus one
-    layer). Raises ValueError, naming the path, when ``checkpoint`` is not a complete checkpoint (see
-    :func:`export_problem`)."""
-    from transformers import AutoConfig, AutoTokenizer
-
-    checkpoint = Path(checkpoint)
-    problem = export_problem(checkpoint, out_dir)
-    if problem is not None:
-        raise ValueError(problem)
-    state = json.loads((checkpoint / "trainer_state.json").read_text())
-    config = AutoConfig.from_pretrained(checkpoint / "hf")
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint / "hf")
-    dtype = getattr(torch, state.get("dtype", "float32"))
-    tensors = plan_for(state["engine"]).export_tensors(checkpoint, config)
-    return write_hf_model(tensors, config, tokenizer, out_dir, dtype, max_shard_size=max_shard_size)

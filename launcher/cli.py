@@ -159,7 +159,7 @@ def _offload_hint(recipe) -> str:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .checkpoint import export, export_problem
+    from .export import export, export_problem
 
     checkpoint, out = Path(args.checkpoint), Path(args.out)
     problem = export_problem(checkpoint, out)

@@ -7,6 +7,8 @@ The engines yield the weights one decoder layer after another (:meth:`launcher.e
 collects it into the shard planned for it (from the model's own shapes, built on the meta device) and writes the
 shard as soon as its last weight has arrived. The directory is written beside its destination under a ``.tmp``
 name and moved into place at the end: a directory with that name and no ``.tmp`` suffix is complete.
+
+:func:`export` (``cpt export``) does this from a committed checkpoint, in one process without a process group.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ import torch
 from safetensors.torch import save_file
 from transformers import GenerationConfig, PretrainedConfig
 
+from .checkpoint import STEP_RE, newest_verified, verify
+from .engine import PLANS, plan_for
 from .model import tied_copies, weight_units, weights_layout_model
 
 log = logging.getLogger(__name__)
@@ -217,3 +221,64 @@ def _move_into_place(tmp: Path, out_dir: Path) -> None:
     for f in sorted(tmp.iterdir(), key=lambda f: f.name == "config.json"):
         os.replace(f, out_dir / f.name)
     tmp.rmdir()
+
+
+def export_problem(checkpoint: Path, out_dir: Path | None = None) -> str | None:
+    """Why ``checkpoint`` cannot be exported (to ``out_dir``), naming the path and what to pass instead; None when
+    it can."""
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_dir():
+        what = "not a directory" if checkpoint.exists() else "no such directory"
+        return f"{checkpoint}: {what}; pass a checkpoint folder, e.g. runs/NAME/checkpoints/step-N"
+    if not (checkpoint / "trainer_state.json").is_file():
+        return f"{checkpoint}: {_instead_of(checkpoint)}"
+    problem = verify(checkpoint)
+    if problem is not None:
+        return f"{checkpoint}: cannot be exported: {problem}"
+    engine = json.loads((checkpoint / "trainer_state.json").read_text()).get("engine")
+    if engine not in PLANS:
+        return f"{checkpoint / 'trainer_state.json'}: unknown engine {engine!r} (known: {', '.join(PLANS)})"
+    if out_dir is not None:
+        out = Path(out_dir)
+        if out.exists() and not out.is_dir():
+            return f"{out}: not a directory; pass a directory for the model"
+        if out.resolve().is_relative_to(checkpoint.resolve()):
+            return f"{out}: inside the checkpoint {checkpoint}; pass a directory outside it"
+    return None
+
+
+def _instead_of(path: Path) -> str:
+    """What ``path``, a directory without trainer_state.json, is, and the checkpoint to pass instead."""
+    name = path.name
+    if name.endswith(".tmp") and STEP_RE.match(name.removesuffix(".tmp")):
+        newest = newest_verified(path.parent.parent)
+        instead = f"pass a complete one: the newest is {newest}" if newest else "the run has no complete checkpoint"
+        return f"an unfinished checkpoint (its save did not complete); {instead}"
+    if name == "checkpoints" and (newest := newest_verified(path.parent)) is not None:
+        return f"holds a run's checkpoints; pass one of them, the newest is {newest}"
+    if (newest := newest_verified(path)) is not None:
+        return f"a run's output_dir, not a checkpoint; pass its newest checkpoint {newest}"
+    if (path / "final" / "config.json").is_file():
+        return f"a run's output_dir without a complete checkpoint; its final model {path / 'final'} needs no export"
+    if (path / "config.json").is_file():
+        return "already a Hugging Face model (config.json, no trainer_state.json); it needs no export"
+    return "no trainer_state.json, so not a checkpoint; pass a checkpoint folder, e.g. runs/NAME/checkpoints/step-N"
+
+
+def export(checkpoint: Path, out_dir: Path, max_shard_size: str | int = DEFAULT_SHARD_SIZE) -> Path:
+    """A consolidated Hugging Face model from a checkpoint, in one process, without a process group, read and
+    written one decoder layer at a time (memory: one safetensors shard of at most ``max_shard_size`` plus one
+    layer). Raises ValueError, naming the path, when ``checkpoint`` is not a complete checkpoint (see
+    :func:`export_problem`)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    checkpoint = Path(checkpoint)
+    problem = export_problem(checkpoint, out_dir)
+    if problem is not None:
+        raise ValueError(problem)
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    config = AutoConfig.from_pretrained(checkpoint / "hf")
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint / "hf")
+    dtype = getattr(torch, state.get("dtype", "float32"))
+    tensors = plan_for(state["engine"]).export_tensors(checkpoint, config)
+    return write_hf_model(tensors, config, tokenizer, out_dir, dtype, max_shard_size=max_shard_size)

@@ -92,6 +92,10 @@ class Trainer:
         self.skipped_in_a_row = 0
         self.data_from: Path | None = None
         """The checkpoint of another run whose data position this run continues (``model.init_data``)."""
+        self.saving: checkpoint.PendingSave | None = None
+        """The checkpoint being written in the background (``train.async_save``), committed once every rank is done."""
+        self.stalled: float | None = None
+        """Seconds the last committed checkpoint stalled training, for the next metrics line."""
         self.resumed_from = self._resume()
         continued = self.resumed_from is not None or self.data_from is not None
         self.passes = self.stream.passes_completed() if continued and self.stream is not None else 0
@@ -193,6 +197,8 @@ class Trainer:
             self._check_finite(grad_norm)
             self.tokens_seen += self.layout.tokens_per_step
             self._note_passes()
+            if self.saving is not None and self.saving.done_everywhere():
+                self._commit_save()
             if self.step % t.log_every == 0 or self.step == t.max_steps:
                 self._log(loss, grad_norm, lr, data_wait, time.perf_counter() - start, speed)
             else:
@@ -200,7 +206,7 @@ class Trainer:
             if self.eval_sets and r.eval.every and self.step % r.eval.every == 0:
                 results, last_eval = self._evaluate(), self.step
             if t.save_every and self.step % t.save_every == 0 and self.step < t.max_steps:
-                self._save()
+                self._save(background=t.async_save)
             preemption.note_step(time.perf_counter() - start)
             if preemption.requested_on_any_rank():
                 self._save()
@@ -211,6 +217,7 @@ class Trainer:
                 return results
         if self.eval_sets and last_eval != self.step:
             results = self._evaluate()
+        self._commit_save()
         if t.save_final:
             self._save()
         final = self._export() if t.export_final else None
@@ -236,6 +243,8 @@ class Trainer:
         self.skipped_in_a_row += 1
         self.skipped_steps += 1
         what = f"step {self.step}: the loss or gradient is not finite (global gradient norm {grad_norm})"
+        if t.nonfinite == "stop" or self.skipped_in_a_row > t.max_skipped_steps:
+            self._commit_save()  # of an earlier step, whose update was finite: the run stops, keep it
         kept = checkpoint.latest_checkpoint(self.out)
         kept_text = f"the last checkpoint, {kept}, is intact" if kept else "no checkpoint was saved yet"
         if t.nonfinite == "stop":
@@ -270,6 +279,8 @@ class Trainer:
             **memory_stats(self.info.device),
             **(self.stream.gather_metrics() if self.stream is not None else {}),
         }
+        if self.stalled is not None:
+            metrics["checkpoint_stall_s"], self.stalled = self.stalled, None
         self.callbacks.on_step(self.step, metrics)
 
     def _evaluate(self) -> dict[str, dict[str, float]]:
@@ -282,12 +293,25 @@ class Trainer:
         self.callbacks.on_eval(self.step, results)
         return results
 
-    def _save(self) -> Path:
+    def _save(self, *, background: bool = False) -> None:
+        """Checkpoint this step, after committing the save in flight; with ``background`` the engine writes it while
+        training goes on and a later step boundary commits it."""
         assert self.stream is not None
-        return checkpoint.save(
-            self.engine, self.info, self.out, self.step, {"tokens_seen": self.tokens_seen},
-            self.stream.state_dict(), self.tokenizer, self.recipe.train.keep_last,
+        self._commit_save()
+        pending = checkpoint.start_save(
+            self.engine, self.info, self.out, self.step, {"tokens_seen": self.tokens_seen}, self.stream.state_dict(),
+            self.tokenizer, self.recipe.train.keep_last, background=background,
         )  # fmt: skip
+        self.saving = pending
+        if not background:
+            self._commit_save()
+
+    def _commit_save(self) -> None:
+        """Commit the checkpoint in flight, if any, waiting for its write first. Collective."""
+        pending, self.saving = self.saving, None
+        if pending is not None:
+            pending.commit()
+            self.stalled = pending.stalled_s
 
     def _export(self) -> Path | None:
         """``final/``: the engine gathers the weights one decoder layer at a time (every rank takes part) and rank 0

@@ -65,9 +65,16 @@ def layer_activation_bytes(config: Any, compiled: bool = False) -> int:
 
 
 def estimate(
-    recipe: Recipe, config: Any, world_size: int, *, micro_batch_size: int | None = None, bf16: bool = True
+    recipe: Recipe,
+    config: Any,
+    world_size: int,
+    *,
+    micro_batch_size: int | None = None,
+    bf16: bool = True,
+    recompile_limit: int | None = None,
 ) -> MemoryEstimate:
-    """Peak allocated bytes per GPU for ``recipe`` on ``world_size`` GPUs (bf16 training)."""
+    """Peak allocated bytes per GPU for ``recipe`` on ``world_size`` GPUs (bf16 training); ``recompile_limit``:
+    torch._dynamo's, when not the one a run sets (runs before the launcher raised it had torch's 8)."""
     s = model_shape(config)
     counts = param_counts(config, recipe.model.trust_remote_code)
     w = max(1, world_size)
@@ -79,7 +86,7 @@ def estimate(
     parts: dict[str, float] = dict(plan.model_state_bytes(recipe, counts.total, counts.layer, layers, w, low))
 
     # activations
-    compiled = plan.compiled_layers(recipe, layers)
+    compiled = plan.compiled_layers(recipe, layers, recompile_limit)
     per_layer = [layer_activation_bytes(config, compiled=i in compiled) * (low / 2) for i in range(layers)]
     every = recipe.model.checkpoint_every if recipe.model.activation_checkpointing else 0
     checkpointed = set(range(0, layers, every)) if every else set()

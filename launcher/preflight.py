@@ -59,11 +59,22 @@ def load_recipe(
         problems += check_sources(recipe.data.train + list(recipe.eval.sets.values()))
         problems += check_hub(recipe) if ask_hub else []
         problems += check_resume(recipe)
+        problems += check_float8(recipe)
         # The vocabulary's tokenizers are read only once the model's own files are known to be there.
         problems += check_vocabulary(recipe, load=not any(p.startswith("model.") for p in problems))
     if problems:
         raise ConfigError(problems)
     return recipe
+
+
+def check_float8(r: Recipe) -> list[str]:
+    """``train.float8`` needs torchao and a GPU with float8 matrix products on the machine that runs it."""
+    if r.train.float8 == "off":
+        return []
+    from .engine.float8 import float8_problem, gpu_capability
+
+    problem = float8_problem(r, gpu_capability())
+    return [problem] if problem else []
 
 
 def check_resume(r: Recipe) -> list[str]:

@@ -110,6 +110,25 @@ def kill_whole_job(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
+def start_job(recipe: Path, log: Path, **env: str) -> subprocess.Popen:
+    """``cpt run`` in its own session (so that everything under it can be found and, on a failure, killed), its
+    output in ``log``: a pipe nobody reads while the test waits would fill up and stall the run."""
+    with log.open("w") as sink:
+        return subprocess.Popen([sys.executable, "-m", "launcher", "run", str(recipe)], cwd=REPO,
+                                env=worker_env(**env), start_new_session=True, stdout=sink,
+                                stderr=subprocess.STDOUT, text=True)  # fmt: skip
+
+
+def job_output(proc: subprocess.Popen, log: Path, timeout: float) -> str:
+    """The job's output once it has ended by itself; past ``timeout`` everything is killed and the test fails."""
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_whole_job(proc)
+        pytest.fail(f"the job did not end within {timeout:.0f} s:\n{log.read_text()[-5000:]}")
+    return log.read_text()
+
+
 def read_metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
 

@@ -20,9 +20,8 @@ ENGINES = {
     "zero3": ("deepspeed", "zero3.json", {}),
     "fsdp": ("fsdp", "fsdp.yaml", {}),
     "hsdp": ("fsdp", "fsdp-hybrid.yaml", {}),
-    "fsdp-ckpt": ("fsdp", "fsdp.yaml", {"model": {"activation_checkpointing": True}}),
-    # the speed options: the plain loss over full logits, selective checkpointing with deeper prefetching (and a
-    # profile of steps 2-3),
+    # the speed options: the plain loss over full logits, selective checkpointing with deeper prefetching, the
+    # gradients reduced once per step instead of after each micro-batch (and a profile of steps 2-3),
     # compiled decoder layers, ZeRO-3 gathering per submodule (DeepSpeed's default) instead of per layer
     "fsdp-options": (
         "fsdp",
@@ -30,7 +29,7 @@ ENGINES = {
         {
             "model": {"activation_checkpointing": True, "checkpoint_every": 2},
             "train": {"fused_loss": False, "profile_steps": [2, 3]},
-            "parallel": {"fsdp": {"prefetch_layers": 2}},
+            "parallel": {"fsdp": {"prefetch_layers": 2, "reduce_every_micro_batch": False}},
         },
     ),
     "fsdp-compile": ("fsdp", "fsdp.yaml", {"train": {"compile": True}}),

@@ -26,6 +26,7 @@ PUBLISHED = {
     "meta-llama/Meta-Llama-3-8B": 8.03e9,
     "meta-llama/Llama-3.1-8B": 8.03e9,
     "meta-llama/Llama-3.1-70B": 70.6e9,
+    "meta-llama/Llama-3.2-3B": 3.21e9,
     "Qwen/Qwen3-8B": 8.19e9,
     "Qwen/Qwen3-8B-Base": 8.19e9,
     "Qwen/Qwen3-32B": 32.8e9,

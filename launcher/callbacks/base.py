@@ -42,7 +42,8 @@ class Callback:
 
     def on_step(self, step: int, metrics: dict[str, float]) -> None:
         """Called every ``train.log_every`` steps with loss, lr, grad_norm, tokens_per_s,
-        tokens_per_s_per_device, mfu (None when the peak is unknown), tokens_seen, step_time, mem_*."""
+        tokens_per_s_per_device, mfu (None when the peak is unknown), tokens_seen, step_time, mem_*; and
+        checkpoint_stall_s (seconds a checkpoint stalled training) in the first call after each commit."""
 
     def on_eval(self, step: int, results: dict[str, dict[str, float]]) -> None:
         """Called after each evaluation with ``{set_name: {"loss", "perplexity", "tokens"}}``."""

@@ -134,6 +134,10 @@ class ModelConfig:
     """Tokenizer directory or hub id; defaults to ``name_or_path`` (or the ``from_config`` directory)."""
     attn_implementation: str = "sdpa"
     """Attention kernel passed to transformers: sdpa, flash_attention_2, eager."""
+    attention_backend: Literal["auto", "cudnn", "flash", "efficient"] = "auto"
+    """With ``attn_implementation: sdpa`` on a GPU: the kernel torch's scaled_dot_product_attention tries first
+    (the others stay as fallbacks for shapes it cannot take). ``auto`` keeps torch's own order (FlashAttention-2
+    first); ``cudnn`` is cuDNN's fused attention, faster on Hopper GPUs (H100, H200)."""
     activation_checkpointing: bool = False
     """Recompute decoder layers' activations in the backward pass to save memory."""
     checkpoint_every: int = 1
@@ -262,6 +266,15 @@ class TrainConfig:
     """Write train metrics every this many steps."""
     save_every: int = 0
     """Save a checkpoint every this many steps (0: only at the end)."""
+    async_save: bool = False
+    """FSDP2 only (DeepSpeed is refused): write the ``save_every`` checkpoints in the background. Training stops
+    only while each rank copies its shards of the model and optimizer state into host memory (pinned on a GPU;
+    the copy overlaps the next step's forward and backward and must end before its optimizer step); a thread
+    writes the copy while training goes on, and ``step-N`` is committed at the first step boundary after every
+    rank has finished writing. The next save, a preemption and the end of the run wait for a save in flight; the
+    final and the preemption checkpoints are written synchronously. Costs host memory: one more copy of each
+    rank's shards (AdamW: 12 bytes per trained parameter, divided among the ranks that shard it), kept for the
+    whole run. The log and ``checkpoint_stall_s`` in the metrics give the seconds each save stalled training."""
     keep_last: int = 2
     """Checkpoints kept in output_dir/checkpoints; older ones are removed after a newer one is saved."""
     nonfinite: Literal["skip", "stop"] = "skip"
@@ -277,6 +290,13 @@ class TrainConfig:
     compile: bool = False
     """Compile each decoder layer's forward with torch.compile (the sharding hooks stay outside). Faster on GPU
     once warm; the first steps take longer while kernels are generated."""
+    float8: Literal["off", "rowwise", "tensorwise"] = "off"
+    """Run the matrix products of the decoder's linear layers in float8 (torchao's float8 training, on GPUs of
+    compute capability 8.9 or more: L4, L40S, H100, H200 and later): ``tensorwise`` scales each tensor by one
+    number (the faster; under FSDP2 the weights are also gathered in float8), ``rowwise`` each row by its own (more
+    accurate for outliers, slower casts). Weights, gradients, optimizer states, checkpoints and the exported model
+    stay in the model's dtype; the output projection and the embeddings stay in bf16. Best with ``compile: true``,
+    which fuses the casts. Refused on CPU and older GPUs."""
     fused_loss: bool = True
     """Compute the output projection and the cross-entropy together, a chunk of tokens at a time, with the
     gradients worked out in the same pass: neither bf16 nor fp32 logits of the whole micro-batch are ever held
@@ -327,6 +347,11 @@ class FsdpConfig:
     prefetch_layers: int = 1
     """Decoder layers whose parameters are all-gathered ahead of the one computing, in forward and backward
     (0: FSDP2's own implicit prefetching)."""
+    reduce_every_micro_batch: bool = True
+    """With gradient accumulation: reduce-scatter the gradients after every micro-batch's backward, so each rank
+    keeps only its shard of them between micro-batches (one reduce-scatter per micro-batch, overlapped with the
+    backward). False reduces once per optimizer step and keeps unsharded gradients of the whole model on every rank
+    until then: less communication, gradient memory of the whole model (``cpt plan`` shows both)."""
 
 
 @dataclass

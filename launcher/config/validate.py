@@ -86,6 +86,8 @@ def build(tp: Any, value: Any, key: str, problems: list[str]) -> Any:
     if origin is Literal:
         if value in args:
             return value
+        if value is False and "off" in args:  # YAML reads a bare ``off`` as false
+            return "off"
         problems.append(f"{where}: {value!r} is not one of {_type_name(tp)}")
         return args[0]
     if isinstance(tp, type) and dataclasses.is_dataclass(tp):
@@ -189,6 +191,9 @@ def check_values(r: Recipe) -> list[str]:
     if m.from_config and not m.tokenizer and m.from_config.endswith(".json"):
         problems.append("model.tokenizer: required when model.from_config is a config.json file")
     need(m.checkpoint_every > 0, f"model.checkpoint_every: must be positive, got {m.checkpoint_every}")
+    need(m.attention_backend == "auto" or m.attn_implementation == "sdpa",
+         f"model.attention_backend: {m.attention_backend} picks a kernel of torch's sdpa; model.attn_implementation "
+         f"is {m.attn_implementation}")  # fmt: skip
     d = r.data
     need(d.seq_len > 0, f"data.seq_len: must be positive, got {d.seq_len}")
     need(d.num_workers >= 0, f"data.num_workers: must be >= 0, got {d.num_workers}")
@@ -239,6 +244,11 @@ def check_values(r: Recipe) -> list[str]:
     need(t.grad_clip >= 0, f"train.grad_clip: must be >= 0, got {t.grad_clip}")
     need(t.log_every > 0, f"train.log_every: must be positive, got {t.log_every}")
     need(t.save_every >= 0, f"train.save_every: must be >= 0, got {t.save_every}")
+    need(
+        not t.async_save or r.parallel.engine != "deepspeed",
+        "train.async_save: background checkpoints are FSDP2-only (parallel.engine: fsdp); DeepSpeed writes its "
+        "checkpoints synchronously: set train.async_save: false",
+    )
     need(t.max_skipped_steps > 0, f"train.max_skipped_steps: must be positive, got {t.max_skipped_steps}")
     need(t.keep_last > 0, f"train.keep_last: must be positive, got {t.keep_last}")
     if t.profile_steps:

@@ -13,7 +13,7 @@ from transformers import PretrainedConfig
 
 from ..config import BatchLayout, Recipe
 from ..launch import DistInfo
-from .base import Batch, Engine, causal_lm_loss, lr_lambda, resolve_dtype
+from .base import Batch, Engine, SaveHandle, causal_lm_loss, lr_lambda, resolve_dtype
 from .deepspeed_plan import DeepSpeedPlan
 from .fsdp_plan import FsdpPlan
 from .plan import EnginePlan
@@ -21,7 +21,17 @@ from .plan import EnginePlan
 if TYPE_CHECKING:
     from ..vocab import VocabExtension
 
-__all__ = ["Batch", "Engine", "EnginePlan", "build_engine", "causal_lm_loss", "lr_lambda", "plan_for", "resolve_dtype"]
+__all__ = [
+    "Batch",
+    "Engine",
+    "EnginePlan",
+    "SaveHandle",
+    "build_engine",
+    "causal_lm_loss",
+    "lr_lambda",
+    "plan_for",
+    "resolve_dtype",
+]
 
 PLANS: dict[str, type[EnginePlan]] = {"deepspeed": DeepSpeedPlan, "fsdp": FsdpPlan}
 

@@ -131,6 +131,32 @@ SCHEDULE_SETTINGS = ("lr", "initial_lr")
 """The learning rate of each parameter group and the peak the schedule scales (``train.lr``)."""
 
 
+class SaveHandle:
+    """A save of the engine's state (:meth:`Engine.save`). This one is already written; a save in the background
+    returns its own."""
+
+    def done(self) -> bool:
+        """Whether this rank's write has ended, written or failed; never blocks."""
+        return True
+
+    def wait(self) -> None:
+        """Block until this rank's write has ended; raise its error if it failed."""
+
+    def stalled_s(self) -> float:
+        """Seconds the training waited, outside :meth:`Engine.save` and :meth:`wait`, for the state to be copied
+        before the next optimizer step could change it."""
+        return 0.0
+
+    def written_s(self) -> float | None:
+        """Seconds from the start of the save to the end of this rank's write in the background, once it has ended
+        (None before; 0 for a save that wrote nothing in the background)."""
+        return 0.0
+
+
+WRITTEN = SaveHandle()
+"""What a synchronous save returns: its files are written."""
+
+
 class Engine(ABC):
     """One interface over DeepSpeed and FSDP2: build and shard, step, evaluate, save, load, gather."""
 
@@ -174,8 +200,10 @@ class Engine(ABC):
         self.module.eval()
 
     @abstractmethod
-    def save(self, path: Path) -> None:
-        """Model, optimizer and scheduler state into ``path`` (every rank writes its shard)."""
+    def save(self, path: Path, *, background: bool = False) -> SaveHandle:
+        """Model, optimizer and scheduler state into ``path`` (every rank writes its shard). Collective. Returns once
+        the files are written; with ``background`` (``train.async_save``, FSDP2 only) once the state is captured,
+        and the files are written while training goes on: the handle tells when that has ended."""
 
     @abstractmethod
     def load(self, path: Path, *, optimizer: bool = True, scheduler: bool = True) -> None:

@@ -30,7 +30,7 @@ from ..metrics import host_memory_gib
 from ..model import build_model, decoder_layer_classes, init_checkpoint, meta_model, param_counts, weights_source
 from ..redact import redact_values
 from ..weights import LazyWeights, WeightsError, check_weights, init_tensors, local_model_dir
-from .base import Batch, Engine, apply_trainable, forward_loss, lr_lambda, optimizer_groups
+from .base import WRITTEN, Batch, Engine, SaveHandle, apply_trainable, forward_loss, lr_lambda, optimizer_groups
 from .deepspeed_plan import fill_auto, weights_only_loading
 from .deepspeed_universal import ensure_universal, saved_world_size, universal_loading
 from .options import apply_training_options
@@ -186,7 +186,9 @@ class DeepSpeedEngine(Engine):
         # ZeRO-3 leaves each rank a partition; ds_numel is the whole parameter's size.
         return sum(getattr(p, "ds_numel", None) or p.numel() for p in self.ds.module.parameters())
 
-    def save(self, path: Path) -> None:
+    def save(self, path: Path, *, background: bool = False) -> SaveHandle:
+        if background:
+            raise ValueError("train.async_save: DeepSpeed writes its checkpoints synchronously (FSDP2 only)")
         # DeepSpeed stores its whole config in every checkpoint file: keep secrets (a monitor's api_key, say) out.
         config = self.ds.config
         self.ds.config = redact_values(config)
@@ -194,6 +196,7 @@ class DeepSpeedEngine(Engine):
             self.ds.save_checkpoint(str(path.parent), tag=path.name, save_latest=False)
         finally:
             self.ds.config = config
+        return WRITTEN
 
     def load(self, path: Path, *, optimizer: bool = True, scheduler: bool = True) -> None:
         """The model (with ``optimizer`` also the optimizer, with ``scheduler`` the schedule) from ``path``. A ZeRO

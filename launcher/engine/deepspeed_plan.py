@@ -13,7 +13,7 @@ import torch
 
 from ..config import BatchLayout, Recipe
 from .deepspeed_checkpoint import weights_only_loading, zero_checkpoint_tensors  # noqa: F401 (the engine loads with it)
-from .plan import RECOMPILE_LIMIT, EnginePlan
+from .plan import EnginePlan, recompile_limit
 
 log = logging.getLogger(__name__)
 
@@ -89,15 +89,15 @@ class DeepSpeedPlan(EnginePlan):
         return (zero_section(recipe).get("offload_optimizer") or {}).get("device", "none") not in ("none", None)
 
     @classmethod
-    def compiled_layers(cls, recipe: Recipe, layers: int) -> range:
+    def compiled_layers(cls, recipe: Recipe, layers: int, limit: int | None = None) -> range:
         """DeepSpeed's ``memory_efficient_linear`` (ZeRO-3) replaces torch's linear with an autograd function that
         reads each weight's ZeRO id, so torch.compile compiles the layer function again for each layer and runs
-        the layers after the first ``RECOMPILE_LIMIT`` uncompiled (:func:`fill_auto` turns it off unless the
-        DeepSpeed config asks for it)."""
+        the layers after the first ``limit`` uncompiled (:func:`fill_auto` turns it off unless the DeepSpeed
+        config asks for it; a run raises the limit above the layer count, runs before that had torch's 8)."""
         if not recipe.train.compile:
             return range(0)
         if zero_stage(recipe) == 3 and zero_section(recipe).get("memory_efficient_linear"):
-            return range(min(layers, RECOMPILE_LIMIT))
+            return range(min(layers, recompile_limit(layers) if limit is None else limit))
         return range(layers)
 
     @classmethod
@@ -204,16 +204,15 @@ def fill_auto(
             zero[k] = v
     if zero.get("stage") == 3:
         # DeepSpeed's memory_efficient_linear (on by default) swaps torch's linear for an autograd function that
-        # reads each weight's ZeRO id: torch.compile then compiles the decoder layer again for every layer and
-        # gives up after RECOMPILE_LIMIT (torch._dynamo's recompile_limit), leaving the rest uncompiled. Off,
-        # every layer compiles: 1.1B shape on 1x H200, 57,405 -> 71,373 tokens/s/GPU and 72.1 -> 60.3 GiB peak
-        # (benchmarks/results/2026-11-28-profile-1gpu-NVIDIA-H200.json, -speed-zero3-linear-). torch's linear
-        # keeps the same tensors for backward.
+        # reads each weight's ZeRO id: torch.compile then compiles the decoder layer again for every layer (with
+        # torch's default recompile limit of 8 it gave up after 8, leaving the rest uncompiled). Off, one compiled
+        # variant serves every layer: 1.1B shape on 1x H200, 57,405 -> 71,373 tokens/s/GPU and 72.1 -> 60.3 GiB
+        # peak (benchmarks/results/2026-11-28-profile-1gpu-NVIDIA-H200.json, -speed-zero3-linear-). torch's
+        # linear keeps the same tensors for backward.
         zero.setdefault("memory_efficient_linear", False)
         if zero["memory_efficient_linear"] and t.compile:
             log.warning(
-                "parallel.deepspeed.zero_optimization.memory_efficient_linear=true with train.compile: only the "
-                "first %d decoder layers compile (each layer's weights change the compiled code)",
-                RECOMPILE_LIMIT,
+                "parallel.deepspeed.zero_optimization.memory_efficient_linear=true with train.compile: each decoder "
+                "layer compiles its own variant (each layer's weights change the compiled code): a longer compile"
             )
     return ds

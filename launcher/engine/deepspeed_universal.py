@@ -10,7 +10,7 @@ Where it goes: beside the checkpoint, ``checkpoints/step-N.universal/``. It is b
 and renamed when complete, so a directory of that name is whole. It records which checkpoint it was made from
 (``source.json``: a digest of the checkpoint's commit record) and is reused by every later resume of that
 checkpoint, whatever the world size; a stale one is rebuilt. The committed checkpoint is never changed. It goes
-when its checkpoint is pruned (:func:`launcher.checkpoint.save`).
+when its checkpoint is pruned (:meth:`launcher.checkpoint.PendingSave.commit`).
 
 What it costs: the conversion reads every rank's optimizer file and writes each state twice (per-rank fragments,
 then the merged per-parameter files, the fragments removed at the end): about 12 bytes per parameter stay on disk

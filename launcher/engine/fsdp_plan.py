@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from ..config import Recipe
+from ..config import ConfigError, Recipe
 from .plan import EnginePlan
 
 
@@ -38,6 +38,8 @@ class FsdpPlan(EnginePlan):
         text = f"FSDP2, reshard_after_forward={f.reshard_after_forward}, reduce {f.reduce_dtype}"
         if f.replicate_degree > 1:
             text += f", hybrid sharding over {f.replicate_degree} replicas"
+        if not f.reduce_every_micro_batch:
+            text += ", gradients reduced once per step"
         return text + (", CPU offload" if f.cpu_offload else "")
 
     @classmethod
@@ -54,19 +56,27 @@ class FsdpPlan(EnginePlan):
         cls, recipe: Recipe, n_params: int, layer_params: int, layers: int, world: int, low: int
     ) -> dict[str, float]:
         """fp32 parameter, gradient and Adam shards (``16 N / W``); the gathered compute-precision parameters of
-        the root unit and of the layers in flight (all of them when parameters stay gathered after forward), and
-        one layer's gradients before their reduce-scatter. Offload keeps the shards in host memory and gathers
-        every layer from there."""
+        the root unit and of the layers in flight (all of them when parameters stay gathered after forward; one
+        byte each under tensorwise float8), and one layer's gradients before their reduce-scatter; with gradient
+        accumulation reduced once per step, the whole model's unsharded gradients. Offload keeps the shards in
+        host memory and gathers every layer from there."""
         f = recipe.parallel.fsdp
         offload = cls.offloaded(recipe)
         root_params = n_params - layer_params * layers
         held = (1 + f.prefetch_layers) if f.reshard_after_forward else layers
-        gathered = low * (root_params + layer_params * held)
-        reduce = (4 if f.reduce_dtype == "fp32" or low == 4 else 2) * layer_params
-        return {
+        # tensorwise float8 with more than one shard gathers the decoder layers' weights already cast: a byte each
+        sharded = world // max(1, f.replicate_degree) > 1
+        layer_low = 1 if recipe.train.float8 == "tensorwise" and low == 2 and sharded else low
+        gathered = low * root_params + layer_low * layer_params * held
+        reduce_bytes = 4 if f.reduce_dtype == "fp32" or low == 4 else 2
+        parts = {
             "params+grads+adam": 0.0 if offload else 16 * n_params / world,
-            "gathered params": gathered + reduce + (low * layer_params * layers if offload else 0),
+            "gathered params": gathered + reduce_bytes * layer_params + (low * layer_params * layers if offload else 0),
         }
+        if not f.reduce_every_micro_batch and _accumulation(recipe, world) > 1:
+            # reduced once per step: every rank keeps the whole model's unsharded gradients between micro-batches
+            parts["unsharded grads (accumulation)"] = reduce_bytes * n_params
+        return parts
 
     @classmethod
     def export_tensors(cls, checkpoint: Path, model_config: Any) -> Iterator[tuple[str, torch.Tensor]]:
@@ -90,3 +100,12 @@ class FsdpPlan(EnginePlan):
                 dcp.load(holder, checkpoint_id=str(checkpoint), no_dist=True)
             yield from holder["model"].items()
             del holder
+
+
+def _accumulation(recipe: Recipe, world: int) -> int:
+    """Micro-batches per optimizer step on ``world`` ranks (1 where the batch does not divide: the recipe check
+    names that)."""
+    try:
+        return recipe.batch_layout(world).grad_accum
+    except ConfigError:
+        return 1

@@ -17,8 +17,15 @@ import torch
 from ..config import Recipe
 
 RECOMPILE_LIMIT = 8
-"""torch._dynamo.config.recompile_limit: how many variants of one compiled function torch keeps before it runs the
-function uncompiled for every new variant."""
+"""torch._dynamo.config.recompile_limit's default: how many variants of one compiled function torch keeps before it
+runs the function uncompiled for every new variant."""
+
+
+def recompile_limit(layers: int) -> int:
+    """The recompile limit a run with ``train.compile`` sets: room for every decoder layer to need a variant of its
+    own (DeepSpeed's ``memory_efficient_linear`` makes each layer one) on top of torch's default, so no layer is
+    left uncompiled; a model whose layers share one compiled variant compiles once all the same."""
+    return layers + RECOMPILE_LIMIT
 
 
 class EnginePlan:
@@ -56,8 +63,9 @@ class EnginePlan:
         return {}
 
     @classmethod
-    def compiled_layers(cls, recipe: Recipe, layers: int) -> range:
-        """The decoder layers that run compiled under ``train.compile``."""
+    def compiled_layers(cls, recipe: Recipe, layers: int, limit: int | None = None) -> range:
+        """The decoder layers that run compiled under ``train.compile``, with torch._dynamo's recompile limit
+        ``limit`` (None: the one a run sets, :func:`recompile_limit`)."""
         return range(layers) if recipe.train.compile else range(0)
 
     @classmethod

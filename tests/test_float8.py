@@ -1,0 +1,145 @@
+"""float8 training (``train.float8``) where a CPU can check it: which layers torchao converts, that weights and
+state-dict names stay the model's own, the refusals before launch, the recompile limit a compiled run sets and the
+log line when a function hits it anyway, and the memory the plan gives FSDP2's float8 all-gather and gradient
+accumulation. Training in float8 runs on a card: tests/test_gpu_parity.py."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import REPO, tiny_recipe, worker_env, write_recipe
+from torch import nn
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from launcher.config import PACKAGE_ROOT
+from launcher.engine.float8 import convert_to_float8, float8_problem
+from launcher.engine.options import apply_training_options
+from launcher.memory import estimate
+from launcher.model import param_counts
+from launcher.preflight import load_recipe
+
+pytest.importorskip("torchao", reason="torchao (float8 training) is not installed")
+
+
+def recipe_for(tmp_path, assets, **sections):
+    tree = tiny_recipe(assets, tmp_path / "out", **sections)
+    return load_recipe(write_recipe(tmp_path / "r.yaml", tree), check_files=False)
+
+
+def llama(intermediate: int = 128, layers: int = 3) -> nn.Module:
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=intermediate, num_hidden_layers=layers, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=256)  # fmt: skip
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(cfg)
+
+
+@pytest.mark.parametrize("mode", ["rowwise", "tensorwise"])
+def test_the_decoder_linears_are_converted_and_the_head_and_embeddings_are_not(tmp_path, assets, mode):
+    from torchao.float8.float8_linear import Float8Linear
+
+    recipe = recipe_for(tmp_path, assets, train={"float8": mode})
+    model = llama()
+    names = {k: v.dtype for k, v in model.state_dict().items()}
+    # the linear layers of the decoder, counted by module type, before anything is converted
+    decoder = {n for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers." in f".{n}"}
+    assert len(decoder) == 3 * 7  # q, k, v, o, gate, up, down
+    assert convert_to_float8(model, recipe) == len(decoder)
+    float8 = {n for n, m in model.named_modules() if isinstance(m, Float8Linear)}
+    assert float8 == decoder
+    assert type(model.lm_head) is nn.Linear and type(model.get_input_embeddings()) is nn.Embedding
+    # checkpoints and exports see the same names and dtypes: no float8 weights
+    assert {k: v.dtype for k, v in model.state_dict().items()} == names
+
+
+def test_layers_whose_dimensions_are_not_multiples_of_16_stay_in_bf16_and_are_named(tmp_path, assets, caplog):
+    from torchao.float8.float8_linear import Float8Linear
+
+    recipe = recipe_for(tmp_path, assets, train={"float8": "rowwise"})
+    model = llama(intermediate=72)  # gate, up (64 -> 72) and down (72 -> 64): 72 is not a multiple of 16
+    with caplog.at_level(logging.INFO, logger="launcher.engine.float8"):
+        converted = convert_to_float8(model, recipe)
+    assert converted == 3 * 4
+    kept = {n for n, m in model.named_modules() if type(m) is nn.Linear}
+    assert {n.split(".")[-1] for n in kept if ".layers." in n} == {"gate_proj", "up_proj", "down_proj"}
+    assert not any(isinstance(m, Float8Linear) for m in model.model.layers[0].mlp.modules())
+    assert "9 linear layer(s) stay in bf16" in caplog.text and "layers.0.mlp.gate_proj (64 -> 72)" in caplog.text
+
+
+def test_float8_is_refused_without_a_gpu_that_has_float8_products(tmp_path, assets):
+    recipe = recipe_for(tmp_path, assets, train={"float8": "tensorwise", "precision": "bf16"})
+    assert "there is none here" in float8_problem(recipe, None)
+    problem = float8_problem(recipe, (8, 0))  # A100
+    assert "compute capability >= 8.9" in problem and "this GPU has 8.0" in problem
+    assert float8_problem(recipe, (9, 0)) is None  # H100 / H200
+    fp32 = recipe_for(tmp_path, assets, train={"float8": "rowwise", "precision": "fp32"})
+    assert "train.precision: fp32" in float8_problem(fp32, (9, 0))
+
+
+def test_cpt_run_refuses_float8_on_cpu_before_any_worker_starts(tmp_path, assets):
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(assets, out, train={"float8": "rowwise"}))
+    p = subprocess.run([sys.executable, "-m", "launcher", "run", str(recipe)], cwd=REPO, env=worker_env(),
+                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert p.returncode != 0
+    assert "train.float8: rowwise needs a CUDA GPU" in p.stderr, p.stderr[-3000:]
+    assert not (out / "logs").exists() and not (out / "metrics.jsonl").exists()  # no worker ever ran
+
+
+def test_a_bare_off_in_yaml_is_the_off_value(tmp_path, assets):
+    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(assets, tmp_path / "o", train={"float8": "VALUE"}))
+    path.write_text(path.read_text().replace("float8: VALUE", "float8: off"))
+    assert "float8: off" in path.read_text()  # YAML reads this as false
+    assert load_recipe(path, check_files=False).train.float8 == "off"
+    assert load_recipe(path, ["train.float8=off"], check_files=False).train.float8 == "off"
+    assert load_recipe(path, ["train.float8=rowwise"], check_files=False).train.float8 == "rowwise"
+
+
+def test_a_compiled_run_raises_the_recompile_limit_and_says_when_a_function_hits_it(tmp_path, assets, caplog):
+    import torch._dynamo
+
+    recipe = recipe_for(tmp_path, assets, train={"compile": True})
+    model = llama(layers=5)
+    with torch._dynamo.config.patch(recompile_limit=8):
+        apply_training_options(model, recipe)
+        assert torch._dynamo.config.recompile_limit == 5 + 8
+        # a function that needs a new variant for every input dtype, under a limit of 1: torch gives up on it
+        torch._dynamo.config.recompile_limit = 1
+        double = torch.compile(lambda x: x * 2, backend="eager")
+        with caplog.at_level(logging.WARNING):
+            for dtype in (torch.float32, torch.float64, torch.int64):
+                assert torch.equal(double(torch.ones(3, dtype=dtype)), torch.full((3,), 2, dtype=dtype))
+    ours = [r for r in caplog.records if r.name == "launcher.engine.options"]
+    assert len(ours) == 1 and "gave up recompiling a function after 1 variants" in ours[0].getMessage()
+    assert "5 decoder layers" in ours[0].getMessage()
+
+
+def test_plan_gathers_tensorwise_weights_in_one_byte_and_counts_unreduced_gradients(tmp_path, assets):
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(PACKAGE_ROOT / "recipes" / "models" / "llama-1b.json")
+    counts = param_counts(cfg)
+    fsdp = {"engine": "fsdp", "config": "fsdp.yaml"}
+    accum = {"micro_batch_size": 2, "global_batch_size": 16}  # 2 ranks: accumulation 4
+    runs = {
+        "bf16": recipe_for(tmp_path, assets, parallel=fsdp, train=accum),
+        "tensorwise": recipe_for(tmp_path, assets, parallel=fsdp, train={**accum, "float8": "tensorwise"}),
+        "rowwise": recipe_for(tmp_path, assets, parallel=fsdp, train={**accum, "float8": "rowwise"}),
+        "once": recipe_for(
+            tmp_path, assets, train=accum, parallel={**fsdp, "fsdp": {"reduce_every_micro_batch": False}}
+        ),  # fmt: skip
+    }
+    parts = {k: estimate(r, cfg, 2).parts for k, r in runs.items()}
+    layers_in_flight = 1 + runs["bf16"].parallel.fsdp.prefetch_layers
+    # one byte instead of two for every gathered decoder-layer weight
+    saved = parts["bf16"]["gathered params"] - parts["tensorwise"]["gathered params"]
+    assert saved == counts.layer * layers_in_flight
+    assert parts["rowwise"] == parts["bf16"]  # rowwise gathers bf16
+    # once per step: fp32 gradients of every parameter, unsharded, on every rank
+    assert parts["once"]["unsharded grads (accumulation)"] == 4 * counts.total
+    assert "unsharded grads (accumulation)" not in parts["bf16"]
+    no_accum = recipe_for(tmp_path, assets, parallel={**fsdp, "fsdp": {"reduce_every_micro_batch": False}})
+    assert "unsharded grads (accumulation)" not in estimate(no_accum, cfg, 2).parts
