@@ -15,7 +15,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from launcher.config import PACKAGE_ROOT
 from launcher.engine import plan_for
 from launcher.engine.plan import RECOMPILE_LIMIT
-from launcher.memory import GIB, estimate, layer_activation_bytes, suggest_micro_batch
+from launcher.memory import GIB, estimate, host_estimate, layer_activation_bytes, suggest_micro_batch
 from launcher.model import decoder_layers, param_counts
 from launcher.preflight import load_recipe
 
@@ -160,6 +160,13 @@ def test_fsdp_model_states_are_the_shards_of_a_real_two_rank_run(tmp_path, asset
     recipe = recipe_for(tmp_path, assets, parallel={"engine": "fsdp", "config": "fsdp.yaml"})
     per_gpu = max(sum(r.values()) for r in ranks)
     assert estimate(recipe, cfg, 2).parts["params+grads+adam"] == pytest.approx(per_gpu, rel=1e-3)
+    # a save in the background copies what a checkpoint holds of each rank: its parameter and Adam shards
+    background = recipe_for(tmp_path, assets, train={"async_save": True},
+                            parallel={"engine": "fsdp", "config": "fsdp.yaml"})  # fmt: skip
+    host = host_estimate(background, cfg, 2, 2, None)
+    assert "background save copy" not in host_estimate(recipe, cfg, 2, 2, None).held
+    copied = max(r["params"] + r["optimizer"] for r in ranks)
+    assert host.held["background save copy"] == pytest.approx(copied, rel=1e-3)
 
 
 def test_offload_keeps_the_optimizer_states_off_the_gpu(tmp_path, assets):

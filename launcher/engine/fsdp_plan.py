@@ -48,8 +48,12 @@ class FsdpPlan(EnginePlan):
 
     @classmethod
     def host_state_bytes(cls, recipe: Recipe, n_params: int, world: int) -> dict[str, float]:
-        """CPU offload keeps the fp32 parameter, gradient and Adam shards in host memory."""
-        return {"offloaded params+grads+adam": 16 * n_params / world} if cls.offloaded(recipe) else {}
+        """CPU offload keeps the fp32 parameter, gradient and Adam shards in host memory; ``train.async_save`` keeps
+        a copy of the parameter and Adam shards there (12 bytes per parameter) for the saves in the background."""
+        parts = {"offloaded params+grads+adam": 16 * n_params / world} if cls.offloaded(recipe) else {}
+        if recipe.train.async_save:
+            parts["background save copy"] = 12 * n_params / world
+        return parts
 
     @classmethod
     def model_state_bytes(
