@@ -52,6 +52,7 @@ LLAMA3_8B = ["data.seq_len=8192", "model.activation_checkpointing=true", "model.
 # the Llama-3.2 3B shape at seq 4096: micro-batch 2 fits one H200 without checkpointing
 LLAMA3_3B = ["data.seq_len=4096"]
 ROWWISE, TENSORWISE = ["train.float8=rowwise"], ["train.float8=tensorwise"]
+SAVE_ONCE = ["train.save_every=6", "train.keep_last=1"]
 FLOAT8_SUFFIXES = ("-rowwise", "-tensorwise")  # a float8 run is named after its bf16 run plus one of these
 
 
@@ -114,6 +115,12 @@ RUNS: dict[str, Run] = {
     "llama3-3b-fsdp-mb4": Run("fsdp.yaml", 1, 4, [*FAST, *LLAMA3_3B], **SHAPE_3B),
     "llama3-3b-fsdp-mb4-tensorwise": Run("fsdp.yaml", 1, 4, [*FAST, *LLAMA3_3B, *TENSORWISE], **SHAPE_3B),
     "llama3-3b-fsdp-mb4-rowwise": Run("fsdp.yaml", 1, 4, [*FAST, *LLAMA3_3B, *ROWWISE], **SHAPE_3B),
+    # one checkpoint at step 6 (of 10 or more), synchronous against in the background: the training stall of a save
+    # (checkpoint_stall_s). One: a 3B checkpoint is 38.5 GB, two do not fit a 64 GB disk with the one being written.
+    "llama3-3b-fsdp-mb4-save-sync": Run("fsdp.yaml", 1, 4, [*FAST, *LLAMA3_3B, *SAVE_ONCE], **SHAPE_3B),
+    "llama3-3b-fsdp-mb4-save-async": Run(
+        "fsdp.yaml", 1, 4, [*FAST, *LLAMA3_3B, *SAVE_ONCE, "train.async_save=true"], **SHAPE_3B
+    ),
     # the plain FSDP2 loop with per-layer compile (plain_fsdp_gpu.py), at the shapes of our runs above
     "plain-fsdp-1gpu": Run("", 1, 16, ["--seq-len", "2048"], kind="plain"),
     "plain-llama3-3b": Run("", 1, 2, ["--seq-len", "4096"], kind="plain", **SHAPE_3B),
@@ -278,6 +285,11 @@ def ours(
         between_steps_gib=round(steady[-1].get("mem_allocated_gib", 0), 2),
         losses=[round(x["loss"], 4) for x in train],
     )  # fmt: skip
+    stalls = {x["step"]: x["checkpoint_stall_s"] for x in lines if "checkpoint_stall_s" in x}
+    if stalls:
+        # the seconds each save held training up (logged with the step after its commit), and every step's time:
+        # a save in the background also slows the steps that run while it writes
+        record.update(checkpoint_stall_s=stalls, step_times=[round(x["step_time"], 4) for x in train])
     summary = run_dir / "profile" / "rank0.summary.json"
     if summary.is_file():
         prof = json.loads(summary.read_text())
