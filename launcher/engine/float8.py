@@ -40,10 +40,10 @@ def float8_problem(recipe: Recipe, capability: tuple[int, int] | None) -> str | 
     if tuple(capability) < MIN_CAPABILITY:
         return (f"{key} needs compute capability >= {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} for float8 matrix "
                 f"products; this GPU has {capability[0]}.{capability[1]}. Set train.float8: off")  # fmt: skip
-    if importlib.util.find_spec("torchao") is None:
-        return f"{key} trains through torchao, which is not installed: pip install 'torchao>=0.12'"
     if recipe.train.precision == "fp32":
         return f"{key} with train.precision: fp32: float8 training runs the rest of the model in bf16"
+    if importlib.util.find_spec("torchao") is None:
+        return f"{key} trains through torchao, which is not installed: pip install 'torchao>=0.12'"
     return None
 
 
