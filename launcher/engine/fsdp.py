@@ -85,9 +85,9 @@ class FsdpEngine(Engine):
             )  # fmt: skip
         # tensorwise float8 under FSDP2 with more than one shard: the weights are gathered already cast (half of
         # bf16's bytes), every weight's scale computed in one all-reduce after the optimizer step (torchao's FSDP2
-        # float8 path). With one shard nothing is gathered, and the extra casts and scale pass only cost: 3B shape
-        # on 1x H200, 21,788 tokens/s with it against 24,264 for a loop without it
-        # (benchmarks/results/2026-12-02-float8-3b-NVIDIA-H200.json).
+        # float8 path). With one shard nothing is gathered, so only the extra casts and scale pass would remain:
+        # 3B shape on 1x H200, our tensorwise run with it made 0.90x the tokens/s of a plain loop without it
+        # (benchmarks/results/2026-12-02-float8-3b-NVIDIA-H200.json); the two were not measured apart.
         shards = info.world_size // f.replicate_degree
         self.float8_all_gather = recipe.train.float8 == "tensorwise" and shards > 1
         options = apply_training_options(model, recipe, fsdp_float8_all_gather=self.float8_all_gather)
