@@ -72,6 +72,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             if note:
                 lines["model config"] = note
             lines["model"] = f"{cfg.model_type}, {n / 1e9:.3f}B parameters"
+            lines["positions"] = _plan_positions(recipe, cfg)
             lines["training FLOPs"] = f"{flops_per_token(cfg, recipe.data.seq_len, n):.3e} per token"
         else:
             lines["model"] = note
@@ -85,6 +86,19 @@ def cmd_plan(args: argparse.Namespace) -> int:
         _plan_host(recipe, cfg, world, gpus, args.read_gbps)
         return code
     return 0
+
+
+def _plan_positions(recipe, cfg) -> str:
+    """The model's positions and RoPE as the run sets them (``model.rope_*``, ``model.max_position_embeddings``),
+    with a warning when ``data.seq_len`` exceeds them."""
+    from .model import describe_rope, position_limit
+    from .preflight import positions_problem
+
+    text = cfg.get_text_config()
+    whose = "model.max_position_embeddings" if recipe.model.max_position_embeddings else "its max_position_embeddings"
+    if problem := positions_problem(recipe, position_limit(cfg), whose):
+        print(f"warning: {problem}", file=sys.stderr)
+    return describe_rope(getattr(text, "max_position_embeddings", None), getattr(text, "rope_parameters", None) or {})
 
 
 def _plan_host(recipe, cfg, world: int, ranks_per_node: int, read_gbps: float) -> None:

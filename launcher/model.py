@@ -55,7 +55,89 @@ def load_config(recipe: Recipe) -> PretrainedConfig:
         config_source(recipe), trust_remote_code=m.trust_remote_code, attn_implementation=m.attn_implementation
     )
     cfg.use_cache = False
+    apply_rope(cfg, recipe)
     return cfg
+
+
+def sets_rope(recipe: Recipe) -> bool:
+    """Whether the recipe changes the model's positions: ``model.rope_theta``, ``rope_scaling`` or
+    ``max_position_embeddings``."""
+    m = recipe.model
+    return m.rope_theta is not None or m.rope_scaling is not None or m.max_position_embeddings is not None
+
+
+_ROPE_KEPT = ("rope_theta", "partial_rotary_factor")
+"""What a model's ``rope_parameters`` keeps under a new ``model.rope_scaling``: the keys that are not its scaling."""
+
+
+def apply_rope(config: PretrainedConfig, recipe: Recipe) -> None:
+    """``model.rope_theta``, ``model.rope_scaling`` and ``model.max_position_embeddings`` written into ``config``
+    (its text config, for a model with several). transformers 5 keeps a model's RoPE settings, ``rope_theta``
+    included, in one ``rope_parameters`` dict (what ``rope_scaling`` and ``rope_theta`` were before). A new scaling
+    replaces the model's own; ``rope_theta`` and ``partial_rotary_factor`` stay unless the recipe sets them.
+    Raises ValueError, naming the key, for a model these keys do not fit."""
+    if not sets_rope(recipe):
+        return
+    m = recipe.model
+    text = config.get_text_config()
+    params = getattr(text, "rope_parameters", None)
+    given = {"model.rope_scaling": m.rope_scaling, "model.rope_theta": m.rope_theta,
+             "model.max_position_embeddings": m.max_position_embeddings}  # fmt: skip
+    key = ", ".join(k for k, v in given.items() if v is not None)
+    if not isinstance(params, dict) or not params:
+        raise ValueError(
+            f"{key}: the model's config ({type(text).__name__}) has no rotary position embedding (rope_parameters) "
+            "to set"
+        )
+    if any(isinstance(v, dict) for v in params.values()):
+        raise ValueError(
+            f"{key}: the model's config ({type(text).__name__}) gives each kind of layer a RoPE of its own "
+            f"({', '.join(params)}); model.rope_theta, rope_scaling and max_position_embeddings set one for all"
+        )
+    params = dict(params)
+    if m.rope_scaling is not None:
+        params = {**{k: params[k] for k in _ROPE_KEPT if k in params}, **m.rope_scaling}
+    if m.rope_theta is not None:
+        params["rope_theta"] = float(m.rope_theta)
+    if m.max_position_embeddings is not None:
+        text.max_position_embeddings = m.max_position_embeddings
+    text.rope_parameters = params
+    text.validate_rope()
+
+
+def position_limit(config: PretrainedConfig) -> int | None:
+    """The longest block the model of ``config`` takes: its ``max_position_embeddings``, times the factor under
+    ``dynamic`` RoPE scaling (which rescales the frequencies for longer sequences); None when the config says
+    nothing."""
+    text = config.get_text_config()
+    limit = getattr(text, "max_position_embeddings", None)
+    if not isinstance(limit, int):
+        return None
+    params = getattr(text, "rope_parameters", None) or {}
+    if params.get("rope_type") == "dynamic" and isinstance(params.get("factor"), (int, float)):
+        return int(limit * params["factor"])
+    return limit
+
+
+def describe_rope(positions: int | None, params: dict[str, Any]) -> str:
+    """Positions and RoPE settings in one line (``max_position_embeddings 2,048; rope_theta 500,000; rope_scaling
+    llama3 (factor 8, ...)``), for ``cpt plan`` and the model card."""
+    parts = [f"max_position_embeddings {positions:,}"] if positions is not None else []
+    if params.get("rope_theta") is not None:
+        parts.append(f"rope_theta {_number(params['rope_theta'])}")
+    rope_type = params.get("rope_type") or params.get("type")
+    scaling = sorted((k, v) for k, v in params.items() if k not in ("rope_type", "type", *_ROPE_KEPT))
+    if rope_type and rope_type != "default":
+        parts.append(f"rope_scaling {rope_type} ({', '.join(f'{k} {_number(v)}' for k, v in scaling)})")
+    elif rope_type:
+        parts.append("no RoPE scaling")
+    return "; ".join(parts)
+
+
+def _number(v: Any) -> str:
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    return f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else str(v)
 
 
 def load_tokenizer(recipe: Recipe):

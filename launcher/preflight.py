@@ -129,7 +129,10 @@ def _check_weights(r: Recipe, source: Path) -> list[str]:
 
 
 def _check_model_config(r: Recipe, source: Path) -> list[str]:
-    """What the model's own config rules out: blocks longer than its positions, a missing config.json."""
+    """What the model's own config rules out: blocks longer than its positions (after ``model.rope_*`` and
+    ``model.max_position_embeddings``), RoPE keys for a model they do not fit, a missing config.json."""
+    from .model import load_config, position_limit, sets_rope
+
     path = source if source.is_file() else source / "config.json"
     key = "model.name_or_path" if r.model.name_or_path else "model.from_config"
     try:
@@ -138,9 +141,30 @@ def _check_model_config(r: Recipe, source: Path) -> list[str]:
         return [f"{key}: cannot read the model config {path} ({e})"]
     cfg = cfg.get("text_config", cfg)
     limit = cfg.get("max_position_embeddings")
-    if isinstance(limit, int) and r.data.seq_len > limit:
-        return [f"data.seq_len: {r.data.seq_len} is longer than the model's max_position_embeddings {limit} ({path})"]
-    return []
+    whose = f"max_position_embeddings of {path}"
+    if sets_rope(r):
+        try:
+            limit = position_limit(load_config(r))
+        except ValueError as e:  # the model has no RoPE these keys can set
+            return [str(e)]
+        if r.model.max_position_embeddings is not None:
+            whose = "model.max_position_embeddings"
+        if (r.model.rope_scaling or {}).get("rope_type") == "dynamic":
+            whose += " x model.rope_scaling.factor, dynamic"
+    problem = positions_problem(r, limit, whose)
+    return [problem] if problem else []
+
+
+def positions_problem(r: Recipe, limit: int | None, whose: str) -> str | None:
+    """``data.seq_len`` beyond the ``limit`` positions of the model (``whose`` number it is), and what to set."""
+    n = r.data.seq_len
+    if not isinstance(limit, int) or n <= limit:
+        return None
+    also = "" if r.model.rope_scaling is not None else " and set model.rope_scaling (with model.rope_theta if you like)"
+    return (
+        f"data.seq_len: {n:,} is longer than the model's {limit:,} positions ({whose}); to train on longer blocks "
+        f"raise model.max_position_embeddings to at least {n:,}{also}"
+    )
 
 
 # ------------------------------------------------------------------------------------------ the Hugging Face hub

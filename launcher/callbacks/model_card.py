@@ -189,6 +189,7 @@ def _training_rows(run: RunInfo, last_step: int, tokens_seen: int) -> list[tuple
         ("Steps", f"{last_step:,}" + (f" (resumed from step {run.start_step:,})" if run.resumed else "")),
         ("Tokens seen", f"{tokens_seen:,}"),
         ("Sequence length", f"{r.data.seq_len:,}"),
+        *([("Positions (RoPE)", rope)] if (rope := _rope(r)) else []),
         (
             "Global batch",
             f"{run.global_batch_size:,} sequences = {run.tokens_per_step:,} tokens "
@@ -203,6 +204,16 @@ def _training_rows(run: RunInfo, last_step: int, tokens_seen: int) -> list[tuple
         ("Precision", _precision(r)),
     ]
     return rows
+
+
+def _rope(r: Recipe) -> str:
+    """What the run set of the model's positions (``model.max_position_embeddings``, ``rope_theta``,
+    ``rope_scaling``); empty when it kept the model's own."""
+    from launcher.model import describe_rope
+
+    m = r.model
+    params = {"rope_theta": m.rope_theta, **(m.rope_scaling or {})}
+    return describe_rope(m.max_position_embeddings, params)
 
 
 def _init_from(r: Recipe) -> str:

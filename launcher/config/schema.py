@@ -169,6 +169,21 @@ class ModelConfig:
     vocabulary, padded to a multiple of 64; each new row (input and output embeddings) starts as the mean of the
     rows of the pieces the base tokenizer splits the token into (the mean of all rows for a token it cannot
     split). ``model.tokenizer`` may name a tokenizer that extends the base one instead, or as well."""
+    rope_theta: float | None = None
+    """The base of the rotary position embedding's frequencies (Llama 3: 500000); null keeps the model's own.
+    Written into the model config the run builds, its checkpoints' and ``final/``'s config.json."""
+    rope_scaling: dict[str, Any] | None = None
+    """RoPE scaling for a longer context, the Hugging Face ``rope_scaling`` dict (transformers 5 keeps it, with
+    ``rope_theta``, as the config's ``rope_parameters``); it replaces any scaling the model had, null keeps the
+    model's own. ``rope_type`` and its keys: ``llama3`` (``factor``, ``low_freq_factor``, ``high_freq_factor``,
+    ``original_max_position_embeddings``), ``yarn`` (``factor``, ``original_max_position_embeddings``; optional
+    ``beta_fast``, ``beta_slow``, ``attention_factor``, ``mscale``, ``mscale_all_dim``, ``truncate``), ``linear``
+    (``factor``), ``dynamic`` (``factor``; frequencies rescaled on the fly for sequences longer than
+    ``max_position_embeddings``, up to ``factor`` times it). ``factor`` > 1. Only for models with one RoPE for
+    all layers."""
+    max_position_embeddings: int | None = None
+    """The positions the model takes, raised with ``rope_scaling`` for a longer ``data.seq_len`` (which may not
+    exceed it); null keeps the model's own."""
 
 
 @dataclass

@@ -15,11 +15,12 @@ import re
 import types
 import typing
 from fnmatch import fnmatch
-from typing import Any, Literal
+from typing import Any, Literal, TypeGuard
 
 from .schema import (
     PREEMPT_SIGNALS,
     DataConfig,
+    ModelConfig,
     Recipe,
     SourceConfig,
     has_glob,
@@ -194,6 +195,7 @@ def check_values(r: Recipe) -> list[str]:
     need(m.attention_backend == "auto" or m.attn_implementation == "sdpa",
          f"model.attention_backend: {m.attention_backend} picks a kernel of torch's sdpa; model.attn_implementation "
          f"is {m.attn_implementation}")  # fmt: skip
+    _check_rope(m, problems)
     d = r.data
     need(d.seq_len > 0, f"data.seq_len: must be positive, got {d.seq_len}")
     need(d.num_workers >= 0, f"data.num_workers: must be >= 0, got {d.num_workers}")
@@ -274,6 +276,91 @@ def check_values(r: Recipe) -> list[str]:
         need(p.nproc_per_node > 0, f"parallel.nproc_per_node: must be positive, got {p.nproc_per_node}")
     need(p.timeout_minutes > 0, f"parallel.timeout_minutes: must be positive, got {p.timeout_minutes}")
     return problems
+
+
+ROPE_SCALING: dict[str, tuple[dict[str, str], dict[str, str]]] = {
+    "llama3": (
+        {"factor": "factor", "low_freq_factor": "positive", "high_freq_factor": "positive",
+         "original_max_position_embeddings": "positions"},
+        {},
+    ),
+    "yarn": (
+        {"factor": "factor", "original_max_position_embeddings": "positions"},
+        {"beta_fast": "positive", "beta_slow": "positive", "attention_factor": "positive", "mscale": "positive",
+         "mscale_all_dim": "positive", "truncate": "bool"},
+    ),
+    "linear": ({"factor": "factor"}, {}),
+    "dynamic": ({"factor": "factor"}, {}),
+}  # fmt: skip
+"""``model.rope_scaling``'s ``rope_type`` -> (required keys, optional keys), each key -> the kind of its value."""
+
+_ROPE_VALUES = {
+    "factor": ("a number > 1", lambda v: v > 1),
+    "positive": ("a number > 0", lambda v: v > 0),
+    "positions": ("a whole number > 0", lambda v: isinstance(v, int) and v > 0),
+}
+
+
+def _is_number(v: Any) -> TypeGuard[float]:
+    return (isinstance(v, int) and not isinstance(v, bool)) or (isinstance(v, float) and math.isfinite(v))
+
+
+def _check_rope(m: ModelConfig, problems: list[str]) -> None:
+    """``model.rope_theta``, ``model.max_position_embeddings`` and ``model.rope_scaling``: the scaling's type, its
+    required keys, and each value's type and range, every problem naming its key."""
+    if m.rope_theta is not None and not (_is_number(m.rope_theta) and m.rope_theta > 0):
+        problems.append(f"model.rope_theta: must be a number > 0, got {m.rope_theta}")
+    if m.max_position_embeddings is not None and m.max_position_embeddings <= 0:
+        problems.append(f"model.max_position_embeddings: must be positive, got {m.max_position_embeddings}")
+    scaling = m.rope_scaling
+    if scaling is None:
+        return
+    key = "model.rope_scaling"
+    rope_type = scaling.get("rope_type")
+    if not isinstance(rope_type, str) or rope_type not in ROPE_SCALING:
+        if "rope_type" in scaling:
+            got = repr(rope_type)
+        else:
+            got = "none" + (" (write rope_type: type is its old name)" if "type" in scaling else "")
+        problems.append(f"{key}.rope_type: must be one of {', '.join(ROPE_SCALING)}, got {got}")
+        return
+    required, optional = ROPE_SCALING[rope_type]
+    known = {"rope_type", *required, *optional}
+    for name in scaling:
+        if name in known:
+            continue
+        if name == "rope_theta":
+            hint = " (set model.rope_theta)"
+        else:
+            close = difflib.get_close_matches(name, sorted(known), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+        problems.append(f"{key}.{name}: not a key of rope_type {rope_type}{hint}; its keys: {', '.join(sorted(known))}")
+    for name in required:
+        if name not in scaling:
+            problems.append(f"{key}.{name}: required for rope_type {rope_type}")
+    for name, kind in {**required, **optional}.items():
+        if name not in scaling:
+            continue
+        v = scaling[name]
+        if kind == "bool":
+            ok, want = isinstance(v, bool), "true or false"
+        else:
+            want, fits = _ROPE_VALUES[kind]
+            ok = _is_number(v) and fits(v)
+        if not ok:
+            problems.append(f"{key}.{name}: must be {want}, got {v!r}")
+    low, high = scaling.get("low_freq_factor"), scaling.get("high_freq_factor")
+    if rope_type == "llama3" and _is_number(low) and _is_number(high) and high <= low:
+        problems.append(f"{key}.high_freq_factor: must be > low_freq_factor {low}, got {high}")
+    fast, slow = scaling.get("beta_fast", 32), scaling.get("beta_slow", 1)  # transformers' defaults
+    if rope_type == "yarn" and _is_number(fast) and _is_number(slow) and fast <= slow:
+        problems.append(f"{key}.beta_fast: must be > beta_slow {slow}, got {fast}")
+    original = scaling.get("original_max_position_embeddings")
+    if m.max_position_embeddings is not None and isinstance(original, int) and m.max_position_embeddings < original:
+        problems.append(
+            f"model.max_position_embeddings: {m.max_position_embeddings} is below "
+            f"{key}.original_max_position_embeddings {original}: scaling lengthens the context"
+        )
 
 
 def _check_schedule(r: Recipe, problems: list[str]) -> None:
