@@ -378,6 +378,9 @@ class ParallelConfig:
     nproc_per_node: int | None = None
     """Worker processes ``cpt run`` starts on one machine: one per GPU when empty, else this many
     (CPU processes with gloo when there is no GPU)."""
+    sequence_parallel: int = 1
+    """Ranks that share each sequence (Ulysses): each holds 1/N of every sequence's tokens and attention exchanges
+    heads by all-to-all. The data-parallel size is world / N; ``train.global_batch_size`` still counts sequences."""
     timeout_minutes: float = 30.0
     """Collective-communication timeout; a dead peer ends the job after this long."""
     zero3_layer_gather: bool = True
@@ -426,18 +429,28 @@ class Recipe:
         return {**held, **self.eval.sets}
 
     def batch_layout(self, world_size: int) -> BatchLayout:
-        """Gradient accumulation and global batch for ``world_size`` data-parallel ranks."""
+        """Gradient accumulation and global batch for ``world_size`` ranks, ``parallel.sequence_parallel`` of
+        which share each sequence (so world / N data-parallel ranks)."""
+        sp = self.parallel.sequence_parallel
+        if sp < 1 or world_size % sp:
+            raise ConfigError(
+                [f"parallel.sequence_parallel: {sp} does not divide the world size {world_size} "
+                 f"(ranks are grouped {sp} to a sequence)"]
+            )
+        data_parallel = world_size // sp
         micro = self.train.micro_batch_size
-        global_batch = self.train.global_batch_size or micro * world_size
-        accum, rest = divmod(global_batch, micro * world_size)
+        global_batch = self.train.global_batch_size or micro * data_parallel
+        accum, rest = divmod(global_batch, micro * data_parallel)
         if rest or accum == 0:
+            ranks = f"data-parallel size ({data_parallel} = world {world_size} / sequence_parallel {sp})" if sp > 1 \
+                else f"world size ({world_size})"
             raise ConfigError(
                 [
                     f"train.global_batch_size: {global_batch} is not a multiple of train.micro_batch_size "
-                    f"({micro}) x world size ({world_size}) = {micro * world_size}"
+                    f"({micro}) x {ranks} = {micro * data_parallel}"
                 ]
             )
-        return BatchLayout(world_size, micro, accum, global_batch, global_batch * self.data.seq_len)
+        return BatchLayout(world_size, micro, accum, global_batch, global_batch * self.data.seq_len, sp)
 
 
 @dataclass(frozen=True)
@@ -447,3 +460,9 @@ class BatchLayout:
     grad_accum: int
     global_batch_size: int
     tokens_per_step: int
+    sequence_parallel: int = 1
+
+    @property
+    def data_parallel(self) -> int:
+        """Ranks that read different sequences: world / sequence_parallel."""
+        return self.world_size // self.sequence_parallel
