@@ -56,7 +56,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     lines = {
         "world": f"{args.nodes} node(s) x {gpus} worker(s) = {world} ranks, engine {recipe.parallel.engine} "
         f"({recipe.parallel.config})",
-        "micro batch": f"{layout.micro_batch_size} sequences per rank",
+        "parallelism": f"data-parallel {layout.data_parallel} x sequence {layout.sequence_parallel}",
+        "micro batch": _plan_micro_batch(layout, recipe.data.seq_len),
         "gradient accumulation": layout.grad_accum,
         "global batch": f"{layout.global_batch_size} sequences = {layout.tokens_per_step:,} tokens per step",
         "steps": steps,
@@ -86,6 +87,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
         _plan_host(recipe, cfg, world, gpus, args.read_gbps)
         return code
     return 0
+
+
+def _plan_micro_batch(layout, seq_len: int) -> str:
+    """Sequences per micro-batch, and the tokens each GPU holds of them under sequence parallelism."""
+    mb, n = layout.micro_batch_size, layout.sequence_parallel
+    if n == 1:
+        return f"{mb} sequences per rank"
+    return f"{mb} sequences per data-parallel rank, each split over {n} GPUs ({mb * seq_len // n:,} tokens per GPU)"
 
 
 def _plan_positions(recipe, cfg) -> str:
@@ -120,8 +129,10 @@ def _plan_host(recipe, cfg, world: int, ranks_per_node: int, read_gbps: float) -
 
 
 def _plan_memory(recipe, cfg, world: int, gpu_memory_gib: float | None) -> int:
-    """The per-GPU memory estimate, a warning when it leaves too little room, and the micro-batch that would."""
-    from .memory import GIB, HEADROOM, estimate, suggest_micro_batch
+    """The per-GPU memory estimate, a warning when it leaves too little room, and what would fit: the largest
+    micro-batch, the longest seq_len and, when the recipe does not fit, the smallest sequence parallelism."""
+    from . import memory
+    from .memory import GIB, HEADROOM
 
     if gpu_memory_gib is None:
         import torch
@@ -130,17 +141,18 @@ def _plan_memory(recipe, cfg, world: int, gpu_memory_gib: float | None) -> int:
             gpu_memory_gib = torch.cuda.get_device_properties(0).total_memory / GIB
     gpu = gpu_memory_gib * GIB if gpu_memory_gib else None
     bf16 = recipe.train.precision != "fp32"
-    est = estimate(recipe, cfg, world, bf16=bf16)
+    est = memory.estimate(recipe, cfg, world, bf16=bf16)
     print("--- memory per GPU (peak allocated, bf16)" if bf16 else "--- memory per GPU (peak allocated, fp32)")
     print(est.table(gpu))
     if gpu is None:
         print("(pass --gpu-memory-gib to check the fit; no GPU here)")
         return 0
-    best = suggest_micro_batch(recipe, cfg, world, gpu)
+    best = memory.suggest_micro_batch(recipe, cfg, world, gpu)
     if best is not None:
         print(
             f"{'largest micro batch':>22}: {best[0]} (gradient accumulation {best[1]}) within {HEADROOM:.0%} of the GPU"
         )
+    print(f"{'longest seq_len':>22}: {memory.describe_longest_seq_len(recipe, cfg, world, gpu)}")
     size = f"the estimate ({est.total / GIB:.1f} GiB)"
     if est.total > gpu:
         problem = f"{size} exceeds the GPU's {gpu / GIB:.1f} GiB"
@@ -153,11 +165,16 @@ def _plan_memory(recipe, cfg, world: int, gpu_memory_gib: float | None) -> int:
         )
     else:
         return 0
+    sp, text = memory.describe_sequence_parallel(recipe, cfg, world, gpu)
+    print(f"{'sequence parallel':>22}: {text}")
     micro = recipe.train.micro_batch_size
     lower = f" (to {best[0]})" if best is not None and best[0] < micro else ""
+    spread = f", or set parallel.sequence_parallel={sp}" if sp is not None else ""
+    square = memory.SQUARE in est.parts
+    unmask = ", or model.attn_implementation=flash_attention_2 (no seq_len^2 mask)" if square else ""
     print(
         f"warning: {problem}; lower train.micro_batch_size{lower}, turn on model.activation_checkpointing"
-        f"{_offload_hint(recipe)}",
+        f"{_offload_hint(recipe)}{spread}{unmask}",
         file=sys.stderr,
     )
     return 0
