@@ -131,11 +131,14 @@ def start_save(
             tmp.mkdir(parents=True)
         _barrier()
         handle = engine.save(tmp, background=background)
-        # This rank's data position and RNG describe this step: written now, whatever the engine still writes.
-        write_text(tmp / f"data-rank{info.rank}.json", json.dumps(data_state))
+        # This rank's data position and RNG describe this step: written now, whatever the engine still writes. The
+        # data position is one per data-parallel rank (the ranks of a sequence-parallel group read as one).
+        n = engine.layout.sequence_parallel
+        if info.rank % n == 0:
+            write_text(tmp / f"data-rank{info.rank // n}.json", json.dumps(data_state))
         torch_save(_rng_state(), tmp / f"rng-rank{info.rank}.pt")
-    state = {**trainer_state, "step": step, "world_size": info.world_size, "engine": engine.recipe.parallel.engine,
-             "dtype": str(engine.dtype).removeprefix("torch.")}  # fmt: skip
+    state = {**trainer_state, "step": step, "world_size": info.world_size, "sequence_parallel": n,
+             "engine": engine.recipe.parallel.engine, "dtype": str(engine.dtype).removeprefix("torch.")}  # fmt: skip
     return PendingSave(engine, info, Path(output_dir), tmp, final, state, tokenizer, keep_last, handle, background,
                        began, time.perf_counter() - began)  # fmt: skip
 
@@ -332,24 +335,30 @@ def load(
         if info.rank == 0:
             _log_batch_change(engine, path, saved)
     engine.load(path)
-    data_state, all_ranks = _continue_stream(engine, info, path, saved, int(state["step"]))
+    data_state, all_ranks = _continue_stream(engine, info, path, state)
     return state, data_state, all_ranks
 
 
 def _continue_stream(
-    engine: Engine, info: DistInfo, path: Path, saved: int, step: int
+    engine: Engine, info: DistInfo, path: Path, state: dict[str, Any]
 ) -> tuple[dict[str, Any], list[dict[str, Any]] | None]:
-    """This rank's data state and, when the world size changed, every old rank's; the RNG state of this rank."""
+    """This rank's data state and, when the number of data-parallel ranks changed, every old one's (files
+    ``data-rank{d}.json``, one per data-parallel rank: world / ``parallel.sequence_parallel``); the RNG state of this
+    rank."""
+    saved = int(state.get("world_size") or info.world_size)
+    saved_data = saved // int(state.get("sequence_parallel") or 1)
+    n = engine.layout.sequence_parallel
+    data_rank = info.rank // n
     all_ranks = None
-    if saved != info.world_size:
-        all_ranks = [json.loads((path / f"data-rank{r}.json").read_text()) for r in range(saved)]
-        data_state = all_ranks[info.rank] if info.rank < saved else all_ranks[0]
+    if saved_data != info.world_size // n:
+        all_ranks = [json.loads((path / f"data-rank{r}.json").read_text()) for r in range(saved_data)]
+        data_state = all_ranks[data_rank] if data_rank < saved_data else all_ranks[0]
     else:
-        data_state = json.loads((path / f"data-rank{info.rank}.json").read_text())
+        data_state = json.loads((path / f"data-rank{data_rank}.json").read_text())
     if info.rank < saved:
         _set_rng_state(torch.load(path / f"rng-rank{info.rank}.pt", weights_only=True))
     else:
-        _seed_new_rank(engine.recipe.train.seed, step, info.rank)
+        _seed_new_rank(engine.recipe.train.seed, int(state["step"]), info.rank)
     return data_state, all_ranks
 
 
@@ -383,7 +392,7 @@ def branch(
     engine.load(path, optimizer=optimizer, scheduler=False)
     if not data:
         return None, None
-    return _continue_stream(engine, info, path, saved, int(state["step"]))
+    return _continue_stream(engine, info, path, state)
 
 
 def init_engine_problem(path: Path, saved: str, engine: str) -> str:

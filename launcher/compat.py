@@ -210,3 +210,9 @@ def async_checkpoint_stager(device: Any) -> Any:
         use_non_blocking_copy=cuda,
     )
     return DefaultStager(options)
+
+
+def attention_implementation(model: Any) -> str | None:
+    """The attention implementation a transformers model runs (``config._attn_implementation``, which
+    ``set_attn_implementation`` sets and no public getter reads back)."""
+    return getattr(model.config, "_attn_implementation", None)

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from .engine import Engine, causal_lm_loss
+from .engine.ulysses import sequence_loss, shifted
 
 EvalResult = dict[str, float]
 
@@ -39,7 +40,7 @@ def evaluate(
     engine: Engine, sets: dict[str, list[list[int]]], micro_batch_size: int, pad_id: int
 ) -> dict[str, EvalResult]:
     """Loss, perplexity and predicted-token count per set, identical on every rank."""
-    device = engine.info.device
+    device, sp = engine.info.device, engine.sp
     engine.eval()
     results: dict[str, EvalResult] = {}
     for name, blocks in sets.items():
@@ -52,10 +53,20 @@ def evaluate(
         dummy = (torch.full((1, 2), pad_id, dtype=torch.long), torch.full((1, 2), -100, dtype=torch.long))
         for i in range(int(n.item())):
             ids, labels = local[i] if i < len(local) else dummy
-            logits = engine.logits(ids)
-            labels = labels.to(device)
-            nll += causal_lm_loss(logits, labels, reduction="sum").double()
-            tokens += (labels[:, 1:] != -100).sum()
+            if sp is None:
+                logits = engine.logits(ids)
+                labels = labels.to(device)
+                nll += causal_lm_loss(logits, labels, reduction="sum").double()
+                tokens += (labels[:, 1:] != -100).sum()
+                continue
+            # sequence parallelism: this rank's part of each sequence (padded to split evenly) and the targets of
+            # its tokens; the sums over every rank count each token once
+            ids, labels = sp.pad(ids, labels, pad_id)
+            target = sp.shard(shifted(labels)).to(device)
+            inputs = sp.model_inputs(ids)
+            logits = engine.logits(**inputs)
+            nll += sequence_loss(logits, target, torch.ones((), device=device)).double()
+            tokens += (target != -100).sum()
         if dist.is_initialized():
             both = torch.stack([nll, tokens])
             dist.all_reduce(both)

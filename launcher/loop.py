@@ -17,7 +17,7 @@ from . import checkpoint
 from .callbacks import Callback, CallbackList, RunInfo, default_callbacks
 from .callbacks.model_card import launch_command
 from .config import Recipe, eval_overlap_warnings, to_yaml
-from .data import TrainStream, eval_blocks
+from .data import Stage, TrainStream, eval_blocks, reblock, stage_at, stages_of
 from .engine import Engine, build_engine
 from .evaluate import evaluate
 from .export import write_hf_model
@@ -75,8 +75,9 @@ class Trainer:
                 d,
                 self.tokenizer,
                 micro_batch_size=self.layout.micro_batch_size,
-                rank=info.rank,
-                world_size=info.world_size,
+                # the ranks of a sequence-parallel group read the same sequences
+                rank=info.rank // self.layout.sequence_parallel,
+                world_size=self.layout.data_parallel,
                 seed=recipe.train.seed,
                 grad_accum=self.layout.grad_accum,
             )
@@ -105,13 +106,17 @@ class Trainer:
         log.info("reading the eval sets: %s", ", ".join(recipe.eval_sources()) or "none")
         stage = time.perf_counter()
         self.eval_sets = {
-            name: eval_blocks(src, self.tokenizer, seq_len=d.seq_len, rank=info.rank, world_size=info.world_size,
-                              max_blocks=recipe.eval.max_blocks)
+            name: eval_blocks(src, self.tokenizer, seq_len=d.seq_len, rank=info.rank // self.layout.sequence_parallel,
+                              world_size=self.layout.data_parallel, max_blocks=recipe.eval.max_blocks)
             for name, src in recipe.eval_sources().items()
         }  # fmt: skip
         log.info("eval sets read in %.1f s (%s blocks on this rank)", time.perf_counter() - stage,
                  ", ".join(f"{name}: {len(blocks)}" for name, blocks in self.eval_sets.items()) or "no")  # fmt: skip
-        self.flops_per_token = flops_per_token(self.config, d.seq_len, self.engine.n_params())
+        self.n_params = self.engine.n_params()
+        self.flops_per_token = flops_per_token(self.config, d.seq_len, self.n_params)
+        self.stages = stages_of(d, self.layout.micro_batch_size)
+        self.stage: Stage | None = None
+        """The sequence-length stage of the step being trained (``data.seq_len_stages``)."""
         self.peak = peak_flops(info.device)
         compiling = "; the first steps also compile the model (train.compile)" if recipe.train.compile else ""
         log.info("set up in %.1f s%s", time.perf_counter() - start, compiling)
@@ -188,8 +193,9 @@ class Trainer:
         last_eval = -1
         while self.step < t.max_steps:
             start = time.perf_counter()
+            stage = self._enter_stage(self.step + 1)
             with profiler.step(self.step + 1):
-                micro = [next(batches) for _ in range(self.layout.grad_accum)]
+                micro = [reblock(next(batches), stage, self.stream.spec.eos_id) for _ in range(self.layout.grad_accum)]
                 data_wait = time.perf_counter() - start
                 lr = self.engine.lr()
                 loss, grad_norm = self.engine.train_step(micro)
@@ -223,6 +229,22 @@ class Trainer:
         final = self._export() if t.export_final else None
         self.callbacks.on_train_end(run, final)
         return results
+
+    def _enter_stage(self, step: int) -> Stage:
+        """The sequence-length stage of optimizer step ``step`` (from 1); on entering one, its MFU accounting and a
+        log line (which says whether it begins here or the run resumes inside it)."""
+        stage = stage_at(self.stages, step)
+        if stage != self.stage:
+            self.stage = stage
+            self.flops_per_token = flops_per_token(self.config, stage.seq_len, self.n_params)
+            if self.recipe.data.seq_len_stages:
+                how = "begins" if step == stage.first_step else "continues"
+                until = f"through step {stage.last_step}" if stage.last_step is not None else "to the end"
+                log.info("step %d: sequence-length stage %d of %d %s (%s): seq_len %d, %d blocks per micro-batch x %d "
+                         "micro-batches x %d data-parallel ranks, %s tokens per step", step, stage.index,
+                         len(self.stages), how, until, stage.seq_len, stage.micro_batch_size, self.layout.grad_accum,
+                         self.layout.data_parallel, f"{self.layout.tokens_per_step:,}")  # fmt: skip
+        return stage
 
     def _note_passes(self) -> None:
         """Log the end of each pass on rank 0; the other ranks' readers end theirs within a few steps of it."""
@@ -281,6 +303,8 @@ class Trainer:
         }
         if self.stalled is not None:
             metrics["checkpoint_stall_s"], self.stalled = self.stalled, None
+        if self.recipe.data.seq_len_stages and self.stage is not None:
+            metrics["data/seq_len_stage"], metrics["data/seq_len"] = self.stage.index, self.stage.seq_len
         self.callbacks.on_step(self.step, metrics)
 
     def _evaluate(self) -> dict[str, dict[str, float]]:

@@ -187,12 +187,37 @@ class ModelConfig:
 
 
 @dataclass
+class SeqLenStage:
+    """One stage of ``data.seq_len_stages``."""
+
+    seq_len: int | None = None
+    """Tokens per packed training block during this stage: a divisor of ``data.seq_len`` (and a multiple of
+    ``parallel.sequence_parallel``)."""
+    until_step: int | None = None
+    """The last optimizer step of this stage, counted from 1 as the log counts them; the next stage begins with step
+    ``until_step + 1``. Required on every stage but the last, which runs to the end of training and has none."""
+
+
+@dataclass
 class DataConfig:
     train: list[SourceConfig] = field(default_factory=list)
     """Training sources, streamed; each rank reads only its own part, and none the documents a source holds out
     for evaluation (``holdout_documents``)."""
     seq_len: int = 2048
-    """Tokens per packed block."""
+    """Tokens per packed block. With ``seq_len_stages``, the longest stage's seq_len, at which
+    ``train.micro_batch_size`` and ``train.global_batch_size`` are counted; evaluation always uses it."""
+    seq_len_stages: list[SeqLenStage] = field(default_factory=list)
+    """Training at growing sequence lengths, as in long-context continued pretraining: e.g. ``[{seq_len: 8192,
+    until_step: 1000}, {seq_len: 32768}]`` with ``seq_len: 32768``; empty: every step at ``seq_len``. The tokens per
+    optimizer step stay the same: ``train.micro_batch_size`` and ``train.global_batch_size`` are counted at
+    ``seq_len``, which must be the longest stage's, and a stage at ``s`` tokens takes ``micro_batch_size x seq_len /
+    s`` blocks per micro-batch (so ``s`` divides ``seq_len``) with the same gradient accumulation. A stage runs up to
+    and including its ``until_step`` (optimizer steps counted from 1, as logged; the last stage has none); from its
+    first step the stream is cut into blocks of its length (the documents and their order do not depend on the
+    stages, only where blocks end; ``document_masking`` positions restart at each block). A resume anywhere gives
+    the blocks an uninterrupted run would have had. The log says when a stage begins; ``metrics.jsonl`` and W&B show
+    ``data/seq_len_stage`` (from 0) and ``data/seq_len`` at each logged step, and MFU counts attention at the stage's
+    length. Evaluation keeps using ``seq_len``."""
     num_workers: int = 1
     """DataLoader worker processes per rank for reading, tokenizing and packing (0 = in the trainer)."""
     prefetch_factor: int = 4
@@ -434,16 +459,21 @@ class Recipe:
         sp = self.parallel.sequence_parallel
         if sp < 1 or world_size % sp:
             raise ConfigError(
-                [f"parallel.sequence_parallel: {sp} does not divide the world size {world_size} "
-                 f"(ranks are grouped {sp} to a sequence)"]
+                [
+                    f"parallel.sequence_parallel: {sp} does not divide the world size {world_size} "
+                    f"(ranks are grouped {sp} to a sequence)"
+                ]
             )
         data_parallel = world_size // sp
         micro = self.train.micro_batch_size
         global_batch = self.train.global_batch_size or micro * data_parallel
         accum, rest = divmod(global_batch, micro * data_parallel)
         if rest or accum == 0:
-            ranks = f"data-parallel size ({data_parallel} = world {world_size} / sequence_parallel {sp})" if sp > 1 \
+            ranks = (
+                f"data-parallel size ({data_parallel} = world {world_size} / sequence_parallel {sp})"
+                if sp > 1
                 else f"world size ({world_size})"
+            )
             raise ConfigError(
                 [
                     f"train.global_batch_size: {global_batch} is not a multiple of train.micro_batch_size "

@@ -2,7 +2,8 @@
 need nothing but the recipe. Every problem names its dotted key; all of them are collected, none raised here.
 
 Checks that need more than the recipe live with what they concern: an engine's config in ``launcher.engine``,
-files and the model's own config in ``launcher.preflight``.
+files and the model's own config in ``launcher.preflight``. The longer checks of the ``data`` section (token
+budgets, weight schedules, sequence-length stages) are in ``launcher.config.data_checks``.
 """
 
 from __future__ import annotations
@@ -17,16 +18,15 @@ import typing
 from fnmatch import fnmatch
 from typing import Any, Literal, TypeGuard
 
+from .data_checks import check_budgets, check_seq_len_stages, check_weights, schedule_problems
 from .schema import (
     PREEMPT_SIGNALS,
-    DataConfig,
     ModelConfig,
     Recipe,
     SourceConfig,
     has_glob,
     source_kind,
     source_labels,
-    weight_at,
 )
 
 
@@ -201,6 +201,7 @@ def check_values(r: Recipe) -> list[str]:
     need(d.num_workers >= 0, f"data.num_workers: must be >= 0, got {d.num_workers}")
     need(d.prefetch_factor > 0, f"data.prefetch_factor: must be positive, got {d.prefetch_factor}")
     need(d.shuffle_buffer >= 0, f"data.shuffle_buffer: must be >= 0, got {d.shuffle_buffer}")
+    problems += check_seq_len_stages(r)
     t = r.train
     if t.max_steps > 0:
         need(bool(d.train), "data.train: at least one training source is needed when train.max_steps > 0")
@@ -208,8 +209,8 @@ def check_values(r: Recipe) -> list[str]:
         _check_source(s, f"data.train[{i}]", problems)
     for name, s in r.eval.sets.items():
         _check_source(s, f"eval.sets.{name}", problems, train=False)
-    _check_budgets(d, problems)
-    _check_weights(d, problems)
+    check_budgets(d, problems)
+    check_weights(d, problems)
     labels = [s.label for s in d.train if s.label]
     for label in sorted({x for x in labels if labels.count(x) > 1}):
         problems.append(f"data.train: label {label!r} names more than one source; labels must be unique")
@@ -397,7 +398,7 @@ def _check_source(s: SourceConfig, key: str, problems: list[str], *, train: bool
     if not s.path:
         problems.append(f"{key}.path: must not be empty")
     if isinstance(s.weight, dict):
-        problems += _schedule_problems(s.weight, f"{key}.weight")
+        problems += schedule_problems(s.weight, f"{key}.weight")
     elif not (s.weight > 0 and math.isfinite(s.weight)):
         problems.append(f"{key}.weight: must be a positive number, got {s.weight}")
     if not s.text_field:
@@ -416,70 +417,6 @@ def _check_source(s: SourceConfig, key: str, problems: list[str], *, train: bool
         )
     elif s.holdout_documents < 0:
         problems.append(f"{key}.holdout_documents: must be >= 0, got {s.holdout_documents}")
-
-
-def _schedule_problems(schedule: dict[int, float], key: str) -> list[str]:
-    """What is wrong with a weight schedule ``{step: weight}``: steps >= 0 in increasing order, weights >= 0."""
-    if not schedule:
-        return [f"{key}: an empty schedule; give a number or {{step: weight, ...}}"]
-    problems = [f"{key}: step {step} must be >= 0" for step in schedule if step < 0]
-    steps = list(schedule)
-    problems += [f"{key}: steps must increase: {a} then {b}" for a, b in zip(steps, steps[1:]) if b <= a]
-    problems += [
-        f"{key}: the weight at step {step} must be a number >= 0, got {w}"
-        for step, w in schedule.items()
-        if not (w >= 0 and math.isfinite(w))
-    ]
-    return problems
-
-
-def _check_weights(d: DataConfig, problems: list[str]) -> None:
-    """With weight schedules, the training sources' weights add up to more than 0 at every step: the sum is linear
-    between the steps any schedule names and flat outside them, so those steps are where it is smallest."""
-    weights = [s.weight for s in d.train]
-    schedules = [w for w in weights if isinstance(w, dict)]
-    if not schedules or any(_schedule_problems(w, "") for w in schedules):
-        return
-    for step in sorted({step for w in schedules for step in w}):
-        if sum(weight_at(w, step) for w in weights) <= 0:
-            problems.append(
-                f"data.train: the weights of all training sources are 0 at step {step}; at every step some source "
-                "needs a weight above 0"
-            )
-            return
-
-
-def _check_budgets(d: DataConfig, problems: list[str]) -> None:
-    """Token budgets are set in exactly one way, and only under ``stopping: token_budget``, where the weights are
-    numbers (the budgets of a pass are fixed for the pass)."""
-    own = [i for i, s in enumerate(d.train) if s.token_budget is not None]
-    if d.token_budget is not None and d.token_budget <= 0:
-        problems.append(f"data.token_budget: must be positive, got {d.token_budget}")
-    if d.stopping != "token_budget":
-        if d.token_budget is not None:
-            problems.append(f"data.token_budget: only used with data.stopping=token_budget (it is {d.stopping!r})")
-        for i in own:
-            problems.append(
-                f"data.train[{i}].token_budget: only used with data.stopping=token_budget (it is {d.stopping!r})"
-            )
-        return
-    if d.token_budget is not None and own:
-        problems.append(
-            "data.token_budget: set either data.token_budget (split by weight) or token_budget on every "
-            f"training source, not both (data.train[{own[0]}] sets one)"
-        )
-    elif d.token_budget is None and d.train and len(own) < len(d.train):
-        missing = ", ".join(f"data.train[{i}]" for i in range(len(d.train)) if i not in own)
-        problems.append(
-            f"data.stopping: token_budget needs data.token_budget, or token_budget on every source ({missing} has none)"
-        )
-    for i, s in enumerate(d.train):
-        if isinstance(s.weight, dict):
-            problems.append(
-                f"data.train[{i}].weight: a schedule does not work with data.stopping=token_budget, where each pass "
-                "draws fixed token budgets (data.token_budget is split by the weights); give a number, or choose "
-                "another data.stopping"
-            )
 
 
 def eval_overlap_warnings(r: Recipe) -> list[str]:

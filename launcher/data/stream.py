@@ -267,12 +267,14 @@ class TrainStream:
         import torch.distributed as dist
 
         spec = self.spec
+        # the ranks of a sequence-parallel group (contiguous, ``world / spec.world_size`` of them) read the same
+        # stream: gathered over every rank, one row per data-parallel rank is kept
+        group = dist.get_world_size() // spec.world_size if dist.is_available() and dist.is_initialized() else 0
         if (
             spec.world_size > 1
-            and dist.is_available()
-            and dist.is_initialized()
-            and dist.get_world_size() == spec.world_size
-            and dist.get_rank() == spec.rank
+            and group
+            and dist.get_world_size() == group * spec.world_size
+            and dist.get_rank() // group == spec.rank
         ):
             device = torch.device("cpu")
             if dist.get_backend() == "nccl":
@@ -281,9 +283,9 @@ class TrainStream:
             h = hashes[0]
             values = [*counts, *recent, *epochs, h >> 32, h & 0xFFFFFFFF]
             mine = torch.tensor(values, dtype=torch.long, device=device)
-            gathered = [torch.empty_like(mine) for _ in range(spec.world_size)]
+            gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
             dist.all_gather(gathered, mine)
-            rows = torch.stack(gathered).cpu().tolist()
+            rows = torch.stack(gathered).cpu().tolist()[::group]
             width = len(counts)
             counts = [sum(r[i] for r in rows) for i in range(width)]
             recent = [sum(r[width + i] for r in rows) for i in range(width)]

@@ -16,6 +16,7 @@ from ..config import BatchLayout, Recipe
 from ..launch import DistInfo
 from ..model import count_parameters
 from .loss import clear_labels, set_labels
+from .ulysses import SequenceParallel, sequence_loss
 
 Batch = dict[str, torch.Tensor]
 
@@ -109,15 +110,29 @@ def model_inputs(batch: Batch, device: torch.device) -> dict[str, torch.Tensor]:
 
 
 def forward_loss(
-    module: nn.Module, hf_model: nn.Module, batch: Batch, device: torch.device, fused: bool
+    module: nn.Module,
+    hf_model: nn.Module,
+    batch: Batch,
+    device: torch.device,
+    fused: bool,
+    sp: SequenceParallel | None = None,
 ) -> torch.Tensor:
     """The mean next-token loss of one micro-batch through ``module`` (the engine's wrapper of ``hf_model``).
-    With the fused head the model's output is the loss itself; the logits are never formed."""
-    inputs = model_inputs(batch, device)
-    labels = batch["labels"].to(device, non_blocking=True)
+    With the fused head the model's output is the loss itself; the logits are never formed. With ``sp`` this rank's
+    part of it: the sum over its part of the sequences divided by the whole micro-batch's target count, so the
+    parts of a group add up to the loss (:mod:`launcher.engine.ulysses`)."""
+    count = None
+    if sp is None:
+        inputs = model_inputs(batch, device)
+        labels = batch["labels"].to(device, non_blocking=True)
+    else:
+        inputs, labels, count = sp.train_inputs(batch)
+        inputs = {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
+        labels = labels.to(device, non_blocking=True)
     if not fused:
-        return causal_lm_loss(module(**inputs).logits, labels)
-    set_labels(hf_model, labels)
+        logits = module(**inputs).logits
+        return causal_lm_loss(logits, labels) if count is None else sequence_loss(logits, labels, count.to(device))
+    set_labels(hf_model, labels, count)
     try:
         return module(**inputs).logits.view(())
     finally:
@@ -170,6 +185,8 @@ class Engine(ABC):
         """Set by the engine when the model's head computes the loss (:mod:`launcher.engine.loss`)."""
         self.skipped = False
         """Whether the last :meth:`train_step` dropped its update: its gradient norm was not finite."""
+        self.sp: SequenceParallel | None = None
+        """This rank's sequence-parallel group (``parallel.sequence_parallel`` > 1), set by the engine."""
 
     @property
     @abstractmethod
@@ -190,8 +207,28 @@ class Engine(ABC):
         return count_parameters(self.module)
 
     @torch.no_grad()
-    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.module(input_ids=input_ids.to(self.info.device)).logits
+    def logits(self, input_ids: torch.Tensor, **inputs: torch.Tensor) -> torch.Tensor:
+        """Logits of ``input_ids`` (and further model inputs: ``position_ids``, a sequence-parallel mask)."""
+        device = self.info.device
+        extra = {k: v.to(device) for k, v in inputs.items()}
+        return self.module(input_ids=input_ids.to(device), **extra).logits
+
+    @property
+    def loss_weight(self) -> int:
+        """What the loss is multiplied by for the backward pass. Both engines average gradients over every rank;
+        with sequence parallelism a rank's loss is its part of its group's, so the average over the world is 1/N of
+        the average over groups unless each part counts N times. (DeepSpeed's own sequence-parallel groups, its
+        ``mpu``, would divide by world / N instead, but deepspeed 0.19.8's ZeRO-3 reduce-scatter path ignores them:
+        the gradient came out N times too small, grad_norm exactly half at N=2 on CPU, so ZeRO runs over every rank
+        as data parallelism and the loss carries the factor, as under FSDP2.)"""
+        return self.sp.size if self.sp is not None else 1
+
+    def group_loss(self, parts: torch.Tensor) -> torch.Tensor:
+        """The micro-batches' loss from this rank's ``parts`` of it: summed over the sequence-parallel group (each
+        rank's part is its tokens' share of the group's loss); the loss itself without sequence parallelism."""
+        if self.sp is not None:
+            torch.distributed.all_reduce(parts, group=self.sp.group)
+        return parts
 
     def train(self) -> None:
         self.module.train()

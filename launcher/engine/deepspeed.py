@@ -34,6 +34,7 @@ from .base import WRITTEN, Batch, Engine, SaveHandle, apply_trainable, forward_l
 from .deepspeed_plan import fill_auto, weights_only_loading
 from .deepspeed_universal import ensure_universal, saved_world_size, universal_loading
 from .options import apply_training_options
+from .ulysses import join
 
 if TYPE_CHECKING:
     from ..vocab import VocabExtension
@@ -135,6 +136,7 @@ class DeepSpeedEngine(Engine):
             # DeepCompile's operators are CUDA code: the same recipe runs without it (per-layer compile) on CPU.
             log.info("DeepSpeed compile.deepcompile needs a GPU: off on %s", info.device.type)
             self.ds_config["compile"]["deepcompile"] = deepcompile = False
+        self.sp = join(model, recipe.parallel.sequence_parallel)
         self.fused_loss = bool(apply_training_options(model, recipe, compile_layers=not deepcompile)["fused_loss"])
         apply_trainable(model, recipe)
         # DeepCompile schedules ZeRO-3's gathers inside the compiled graph itself; leaf modules are for the hooks.
@@ -167,8 +169,8 @@ class DeepSpeedEngine(Engine):
         total = torch.zeros((), device=self.info.device)
         skipped_before = self.ds.skipped_steps
         for mb in micro_batches:
-            loss = forward_loss(self.ds, self.ds.module, mb, self.info.device, self.fused_loss)
-            self.ds.backward(loss)
+            loss = forward_loss(self.ds, self.ds.module, mb, self.info.device, self.fused_loss, self.sp)
+            self.ds.backward(loss * self.loss_weight)
             self.ds.step()
             total += loss.detach()
         # DeepSpeed drops the update itself when the global gradient norm is not finite (every ZeRO stage,
@@ -177,7 +179,7 @@ class DeepSpeedEngine(Engine):
         norm = self.ds.get_global_grad_norm()
         if self.skipped:
             norm = float("nan") if norm is None or math.isfinite(norm) else norm
-        return total / len(micro_batches), float(norm) if norm is not None else float("nan")
+        return self.group_loss(total) / len(micro_batches), float(norm) if norm is not None else float("nan")
 
     def lr(self) -> float:
         return self.ds.get_lr()[0]

@@ -174,6 +174,9 @@ def fill_auto(
     for k, v in auto.items():
         if ds.get(k, "auto") == "auto":
             ds[k] = v
+    if layout.sequence_parallel > 1:
+        # DeepSpeed then checks the batch against world / N data-parallel ranks (the ZeRO-3 build sees no mpu)
+        ds["sequence_parallel_size"] = layout.sequence_parallel
     bf16 = ds.setdefault("bf16", {"enabled": "auto"})
     if bf16.get("enabled") == "auto":
         bf16["enabled"] = dtype == torch.bfloat16

@@ -39,6 +39,7 @@ from .background_save import BackgroundSaves, hidden_os_error
 from .base import WRITTEN, Batch, Engine, SaveHandle, apply_trainable, forward_loss, lr_lambda, optimizer_groups
 from .float8 import plain_tensor, precompute_scales
 from .options import apply_training_options
+from .ulysses import join
 
 if TYPE_CHECKING:
     from ..vocab import VocabExtension
@@ -90,6 +91,8 @@ class FsdpEngine(Engine):
         # (benchmarks/results/2026-12-02-float8-3b-NVIDIA-H200.json); the two were not measured apart.
         shards = info.world_size // f.replicate_degree
         self.float8_all_gather = recipe.train.float8 == "tensorwise" and shards > 1
+        # the N ranks of a group share each sequence; parameters stay sharded over every rank
+        self.sp = join(model, recipe.parallel.sequence_parallel)
         options = apply_training_options(model, recipe, fsdp_float8_all_gather=self.float8_all_gather)
         self.fused_loss = bool(options["fused_loss"])
         apply_trainable(model, recipe)
@@ -145,12 +148,13 @@ class FsdpEngine(Engine):
         total = torch.zeros((), device=self.info.device)
         n = len(micro_batches)
         every = self.recipe.parallel.fsdp.reduce_every_micro_batch
+        scale = self.loss_weight / n
         for i, mb in enumerate(micro_batches):
             # Each micro-batch's gradients reduce-scattered as its backward runs (each rank keeps its shard only),
             # or once per step, the unsharded gradients of the whole model kept until the last micro-batch.
             self.model.set_requires_gradient_sync(every or i == n - 1)
-            loss = forward_loss(self.model, self.model, mb, self.info.device, self.fused_loss)
-            (loss / n).backward()
+            loss = forward_loss(self.model, self.model, mb, self.info.device, self.fused_loss, self.sp)
+            (loss * scale).backward()
             total += loss.detach()
         clip = self.recipe.train.grad_clip or float("inf")
         norm = torch.nn.utils.clip_grad_norm_(self.trainable, clip, foreach=True)
@@ -165,7 +169,7 @@ class FsdpEngine(Engine):
             if self.float8_all_gather:
                 precompute_scales(self.model)
         self.optimizer.zero_grad(set_to_none=True)
-        return total / n, value
+        return self.group_loss(total) / n, value
 
     def lr(self) -> float:
         # what the next step uses: the schedule sets it, a loaded optimizer state must not have replaced it

@@ -34,13 +34,18 @@ def chunk_tokens(vocab: int, budget: int = CHUNK_BYTES) -> int:
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
-    """``mean cross_entropy(hidden @ weight.T, labels)`` over the labels that are not IGNORE_INDEX."""
+    """``sum cross_entropy(hidden @ weight.T, labels) / count`` over the labels that are not IGNORE_INDEX; ``count``
+    is their number unless given (a sequence-parallel rank divides by its whole group's)."""
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int) -> torch.Tensor:
+    def forward(
+        ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int, count: torch.Tensor | None
+    ) -> torch.Tensor:
         n = hidden.shape[0]
         want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        count = (labels != IGNORE_INDEX).sum().clamp(min=1).to(torch.float32)
+        if count is None:
+            count = (labels != IGNORE_INDEX).sum().clamp(min=1)
+        count = count.to(device=hidden.device, dtype=torch.float32)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_h = torch.empty_like(hidden) if want_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
@@ -73,17 +78,27 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         gh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
         gw = (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None
-        return gh, gw, None, None
+        return gh, gw, None, None, None
 
 
 def linear_cross_entropy(
-    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int | None = None
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    chunk: int | None = None,
+    *,
+    targets: bool = False,
+    count: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean next-token loss of ``hidden`` [batch, seq, dim] projected by ``weight`` [vocab, dim]: position t
-    predicts ``labels[t+1]``. Matches ``causal_lm_loss(hidden @ weight.T, labels)``."""
-    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
-    y = labels[:, 1:].reshape(-1)
-    return _LinearCrossEntropy.apply(h, weight, y, chunk or chunk_tokens(weight.shape[0]))
+    predicts ``labels[t+1]``. Matches ``causal_lm_loss(hidden @ weight.T, labels)``. With ``targets`` the labels
+    are each position's own target already (shifted), and with ``count`` the sum is divided by it instead of by
+    the number of targets (a sequence-parallel rank's part of its group's loss)."""
+    if targets:
+        h, y = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
+    else:
+        h, y = hidden[:, :-1].reshape(-1, hidden.shape[-1]), labels[:, 1:].reshape(-1)
+    return _LinearCrossEntropy.apply(h, weight, y, chunk or chunk_tokens(weight.shape[0]), count)
 
 
 class FusedLossHead(nn.Module):
@@ -92,6 +107,8 @@ class FusedLossHead(nn.Module):
     [1, 1, 1], where the logits would be) instead of logits."""
 
     pending_labels: torch.Tensor | None = None
+    pending_count: torch.Tensor | None = None
+    """With sequence parallelism: the labels are targets (shifted) and the sum is divided by this count."""
 
     def __init__(self, weight: nn.Parameter):
         super().__init__()
@@ -103,8 +120,9 @@ class FusedLossHead(nn.Module):
         labels = self.pending_labels
         if labels is None:
             return nn.functional.linear(hidden, self.weight)
-        self.pending_labels = None
-        return linear_cross_entropy(hidden, self.weight, labels).view(1, 1, 1).clone()
+        count, self.pending_labels, self.pending_count = self.pending_count, None, None
+        loss = linear_cross_entropy(hidden, self.weight, labels, targets=count is not None, count=count)
+        return loss.view(1, 1, 1).clone()
 
 
 # Configs that change the logits after the projection: the fused loss would skip that step.
@@ -125,13 +143,15 @@ def install_fused_loss(model: nn.Module) -> bool:
     return True
 
 
-def set_labels(model: nn.Module, labels: torch.Tensor) -> None:
+def set_labels(model: nn.Module, labels: torch.Tensor, count: torch.Tensor | None = None) -> None:
+    """The labels the head's next forward takes the loss of; with ``count``, each position's target and the
+    count to divide the sum by (:mod:`launcher.engine.ulysses`)."""
     head = model.get_submodule("lm_head")
     assert isinstance(head, FusedLossHead)
-    head.pending_labels = labels
+    head.pending_labels, head.pending_count = labels, count
 
 
 def clear_labels(model: nn.Module) -> None:
     head = model.get_submodule("lm_head")
     if isinstance(head, FusedLossHead):
-        head.pending_labels = None
+        head.pending_labels = head.pending_count = None

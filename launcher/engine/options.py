@@ -47,7 +47,9 @@ def apply_training_options(
     float8 = convert_to_float8(model, recipe, fsdp_float8_all_gather) if t.float8 != "off" else 0
     compiled = t.compile and compile_layers
     if compiled:
-        watch_recompile_limit(len(layers))
+        # each sequence-length stage is another input shape: up to one more variant per layer
+        shapes = len({stage.seq_len for stage in recipe.data.seq_len_stages}) or 1
+        watch_recompile_limit(len(layers) * shapes)
         for layer in layers:
             layer.compile()
     applied: dict[str, object] = {
