@@ -140,6 +140,7 @@ def _check_model_config(r: Recipe, source: Path) -> list[str]:
     except (OSError, ValueError) as e:
         return [f"{key}: cannot read the model config {path} ({e})"]
     cfg = cfg.get("text_config", cfg)
+    problems = sequence_parallel_problems(r, cfg, path)
     limit = cfg.get("max_position_embeddings")
     whose = f"max_position_embeddings of {path}"
     if sets_rope(r):
@@ -152,7 +153,24 @@ def _check_model_config(r: Recipe, source: Path) -> list[str]:
         if (r.model.rope_scaling or {}).get("rope_type") == "dynamic":
             whose += " x model.rope_scaling.factor, dynamic"
     problem = positions_problem(r, limit, whose)
-    return [problem] if problem else []
+    return problems + ([problem] if problem else [])
+
+
+def sequence_parallel_problems(r: Recipe, cfg: dict, path: Path) -> list[str]:
+    """``parallel.sequence_parallel: N`` splits the attention heads and the key/value heads over N ranks: both
+    must be multiples of N (``cfg``: the model's config.json at ``path``)."""
+    n = r.parallel.sequence_parallel
+    if n <= 1:
+        return []
+    heads = cfg.get("num_attention_heads")
+    kv = cfg.get("num_key_value_heads") or heads
+    return [
+        f"parallel.sequence_parallel: {n} does not divide the model's {what} ({count}, {key} of {path}): each rank "
+        f"attends with 1/N of them"
+        for what, key, count in (("attention heads", "num_attention_heads", heads),
+                                 ("key/value heads", "num_key_value_heads", kv))
+        if isinstance(count, int) and count % n
+    ]  # fmt: skip
 
 
 def positions_problem(r: Recipe, limit: int | None, whose: str) -> str | None:

@@ -196,6 +196,7 @@ def check_values(r: Recipe) -> list[str]:
          f"model.attention_backend: {m.attention_backend} picks a kernel of torch's sdpa; model.attn_implementation "
          f"is {m.attn_implementation}")  # fmt: skip
     _check_rope(m, problems)
+    _check_sequence_parallel(r, need)
     d = r.data
     need(d.seq_len > 0, f"data.seq_len: must be positive, got {d.seq_len}")
     need(d.num_workers >= 0, f"data.num_workers: must be >= 0, got {d.num_workers}")
@@ -304,6 +305,23 @@ _ROPE_VALUES = {
 
 def _is_number(v: Any) -> TypeGuard[float]:
     return (isinstance(v, int) and not isinstance(v, bool)) or (isinstance(v, float) and math.isfinite(v))
+
+
+def _check_sequence_parallel(r: Recipe, need) -> None:
+    """``parallel.sequence_parallel``: what the recipe alone rules out (heads, KV heads and the world size are
+    checked where they are known: the model's config before launch, the batch layout for a world size)."""
+    n = r.parallel.sequence_parallel
+    if n < 1:
+        need(False, f"parallel.sequence_parallel: must be >= 1, got {n}")
+        return
+    if n == 1:
+        return
+    key = f"parallel.sequence_parallel: {n}"
+    need(r.model.attn_implementation == "sdpa",
+         f"{key} needs model.attn_implementation: sdpa (each rank attends over the whole sequence with torch's sdpa "
+         f"after the exchange); got {r.model.attn_implementation}")  # fmt: skip
+    need(r.data.seq_len % n == 0, f"{key} must divide data.seq_len ({r.data.seq_len}): each rank holds seq_len / N "
+                                  "tokens of every sequence")  # fmt: skip
 
 
 def _check_rope(m: ModelConfig, problems: list[str]) -> None:

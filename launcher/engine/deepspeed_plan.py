@@ -71,6 +71,18 @@ class DeepSpeedPlan(EnginePlan):
                     problems.append(
                         f'parallel.deepspeed.{fp}.enabled: true contradicts train.precision={want!r}; use "auto"'
                     )
+        sp = recipe.parallel.sequence_parallel
+        if sp > 1 and isinstance(ds.get("compile"), dict) and ds["compile"].get("deepcompile"):
+            problems.append(
+                f"parallel.deepspeed.compile.deepcompile: true with parallel.sequence_parallel: {sp}: DeepCompile "
+                "traces the whole model and its ZeRO gathers, not the sequence-parallel exchanges; turn one off "
+                "(train.compile compiles each decoder layer with them)"
+            )
+        if sp > 1 and ds.get("sequence_parallel_size", sp) != sp:
+            problems.append(
+                f"parallel.deepspeed.sequence_parallel_size: {ds['sequence_parallel_size']!r} contradicts "
+                f"parallel.sequence_parallel: {sp}; leave it out (the recipe sets it)"
+            )
         return problems
 
     @classmethod

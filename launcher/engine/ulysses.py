@@ -20,6 +20,7 @@ first token of each part is predicted by the last token of the part before it.
 from __future__ import annotations
 
 import copy
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +29,8 @@ import torch.distributed as dist
 from torch import nn
 
 from ..compat import attention_implementation
+
+log = logging.getLogger(__name__)
 
 IMPLEMENTATION = "ulysses"
 """The attention implementation name a sequence-parallel model's config carries."""
@@ -184,4 +187,6 @@ def join(model: nn.Module, size: int, group: Any = None) -> SequenceParallel | N
     group = group if group is not None else contiguous_group(size)
     sp = SequenceParallel(size, dist.get_rank(group), group)
     install(model, sp)
+    log.info("sequence parallel: part %d of %d of each sequence (data-parallel rank %d of %d)", sp.rank + 1, size,
+             dist.get_rank() // size, dist.get_world_size() // size)  # fmt: skip
     return sp
