@@ -40,6 +40,7 @@ MODEL_RECIPES = {
     "qwen3-8b-fsdp.yaml": (1, 8),
     "qwen3-32b-fsdp.yaml": (1, 8),
     "mistral-7b-zero3.yaml": (1, 8),
+    "llama3-8b-longctx.yaml": (1, 8),
 }
 
 
