@@ -52,6 +52,16 @@ LLAMA3_8B = ["data.seq_len=8192", "model.activation_checkpointing=true", "model.
 # the Llama-3.2 3B shape at seq 4096: micro-batch 2 fits one H200 without checkpointing
 LLAMA3_3B = ["data.seq_len=4096"]
 ROWWISE, TENSORWISE = ["train.float8=rowwise"], ["train.float8=tensorwise"]
+
+
+# long sequences: positions raised (the benchmark measures speed and memory, not what the model learns), every layer
+# checkpointed; MFU counts attention's 12 x layers x heads x head_dim x seq_len FLOPs per token (full, not causal)
+def long_seq(seq_len: int, sp: int = 1, checkpointing: bool = True) -> list[str]:
+    ckpt = str(checkpointing).lower()
+    return [f"data.seq_len={seq_len}", f"model.max_position_embeddings={max(seq_len, 8192)}",
+            f"model.activation_checkpointing={ckpt}", f"parallel.sequence_parallel={sp}"]  # fmt: skip
+
+
 SAVE_ONCE = ["train.save_every=6", "train.keep_last=1"]
 FLOAT8_SUFFIXES = ("-rowwise", "-tensorwise")  # a float8 run is named after its bf16 run plus one of these
 
@@ -122,6 +132,18 @@ RUNS: dict[str, Run] = {
         "fsdp.yaml", 1, 4, [*FAST, *LLAMA3_3B, *SAVE_ONCE, "train.async_save=true"], **SHAPE_3B
     ),
     # the plain FSDP2 loop with per-layer compile (plain_fsdp_gpu.py), at the shapes of our runs above
+    # long context (issue: 1.1B at 16K/32K/64K on one GPU; the 8B shape at 32K/64K with sequence parallelism)
+    "fsdp-1gpu-16k": Run("fsdp.yaml", 1, 2, [*FAST, *long_seq(16384)]),
+    "fsdp-1gpu-32k": Run("fsdp.yaml", 1, 1, [*FAST, *long_seq(32768)]),
+    "fsdp-1gpu-64k": Run("fsdp.yaml", 1, 1, [*FAST, *long_seq(65536)], slow=1.5),
+    "fsdp-1gpu-16k-nockpt": Run("fsdp.yaml", 1, 2, [*FAST, *long_seq(16384, checkpointing=False)]),
+    "fsdp-1gpu-64k-nockpt": Run("fsdp.yaml", 1, 1, [*FAST, *long_seq(65536, checkpointing=False)], slow=1.5),
+    "llama3-8b-fsdp-32k-sp2": Run("fsdp.yaml", 2, 1, [*FAST, *long_seq(32768, 2)], model="llama3-8b", slow=3),
+    "llama3-8b-fsdp-64k-sp2": Run("fsdp.yaml", 2, 1, [*FAST, *long_seq(65536, 2)], model="llama3-8b", slow=3),
+    "llama3-8b-zero3-32k-sp2": Run("zero3.json", 2, 1, [*FAST, *long_seq(32768, 2)], model="llama3-8b", slow=3),
+    "llama3-8b-zero3-64k-sp2": Run("zero3.json", 2, 1, [*FAST, *long_seq(65536, 2)], model="llama3-8b", slow=3),
+    "llama3-8b-fsdp-64k-sp4": Run("fsdp.yaml", 4, 1, [*FAST, *long_seq(65536, 4)], model="llama3-8b", slow=3),
+    "llama3-8b-zero3-64k-sp4": Run("zero3.json", 4, 1, [*FAST, *long_seq(65536, 4)], model="llama3-8b", slow=3),
     "plain-fsdp-1gpu": Run("", 1, 16, ["--seq-len", "2048"], kind="plain"),
     "plain-llama3-3b": Run("", 1, 2, ["--seq-len", "4096"], kind="plain", **SHAPE_3B),
     "plain-llama3-3b-rowwise": Run("", 1, 2, ["--seq-len", "4096", "--float8", "rowwise"], kind="plain", **SHAPE_3B),
@@ -215,7 +237,8 @@ def run_overrides(run: Run, assets: dict[str, Path], run_dir: Path, steps: int) 
         f"output_dir={run_dir}", f"model.from_config={model}", f"model.tokenizer={model}",
         f"data.train=[{{path: {assets['data']}}}]", "data.num_workers=2", "eval.sets={fineweb: null}",
         f"train.max_steps={steps}", f"train.micro_batch_size={run.micro_batch}",
-        f"train.global_batch_size={run.micro_batch * run.gpus}", "train.log_every=1", "train.save_every=0",
+        f"train.global_batch_size={run.micro_batch * run.gpus // sequence_parallel_of(run.extra)}",
+        "train.log_every=1", "train.save_every=0",
         "train.save_final=false", "train.export_final=false", "logging.wandb=disabled", "logging.progress=false",
         f"parallel.engine={engine_of(run)}", f"parallel.config={run.config}", *run.extra,
     ]  # fmt: skip
@@ -262,6 +285,8 @@ def ours(
                     *overrides]).replace(str(out), "$OUT"), "overrides": [o.replace(str(out), "$OUT")
                     for o in overrides]}  # fmt: skip
     record["float8"] = float8_of(run.extra)
+    sp = record["sequence_parallel"] = sequence_parallel_of(run.extra)
+    record["global_batch"] = mb * gpus // sp
     est = estimate(recipe, cfg, gpus)
     record["memory_estimate_gib"] = round(est.total / GIB, 2)
     record["memory_estimate_parts_gib"] = {k: round(v / GIB, 2) for k, v in est.parts.items()}
@@ -274,7 +299,7 @@ def ours(
     if not steady:
         return record
     step_time = sum(x["step_time"] for x in steady) / len(steady)
-    per_gpu = mb * recipe.data.seq_len / step_time
+    per_gpu = mb * recipe.data.seq_len / sp / step_time  # a GPU holds 1/N of each of its micro-batch's sequences
     peak = 989e12
     record.update(
         steps_measured=len(steady), step_time_s=round(step_time, 4), tokens_per_s_per_gpu=round(per_gpu),
@@ -297,6 +322,11 @@ def ours(
     if record["peak_mem_gib"]:
         record["estimate_error"] = round(record["memory_estimate_gib"] / record["peak_mem_gib"] - 1, 3)
     return record
+
+
+def sequence_parallel_of(overrides: list[str]) -> int:
+    """``parallel.sequence_parallel`` of a run: GPUs that share each sequence (the global batch counts sequences)."""
+    return int(next((o.partition("=")[2] for o in overrides if o.startswith("parallel.sequence_parallel=")), 1))
 
 
 def float8_of(overrides: list[str]) -> str:
