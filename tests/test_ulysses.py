@@ -47,8 +47,10 @@ def _reference(path: str, documents: bool) -> tuple[float, dict[str, torch.Tenso
     return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-def _sharded(path: str, documents: bool, fused: bool) -> tuple[float, dict[str, torch.Tensor]]:
-    """This rank's part of the loss and the group's summed gradients, under launcher.engine.ulysses."""
+def _sharded(path: str, documents: bool, fused: bool, compiled: bool = False) -> tuple[float, dict[str, torch.Tensor]]:
+    """This rank's part of the loss and the group's summed gradients, under launcher.engine.ulysses; with
+    ``compiled`` each decoder layer goes through torch.compile (aot_eager: dynamo traces the exchanges into the
+    layer's graph, as inductor does on a GPU, without generating code on CPU)."""
     import torch.distributed as dist
 
     from launcher.engine.base import forward_loss
@@ -59,6 +61,9 @@ def _sharded(path: str, documents: bool, fused: bool) -> tuple[float, dict[str, 
     sp = join(model, dist.get_world_size(), dist.group.WORLD)
     if fused:
         assert install_fused_loss(model)
+    if compiled:
+        for layer in model.model.layers:
+            layer.compile(backend="aot_eager", fullgraph=True)
     batch = _batch(model.config.vocab_size, documents)
     part = forward_loss(model, model, batch, torch.device("cpu"), fused, sp)
     part.backward()
@@ -68,12 +73,15 @@ def _sharded(path: str, documents: bool, fused: bool) -> tuple[float, dict[str, 
     return part.item(), {n: g.numpy() for n, g in grads.items()}  # by value: the process ends before it is read
 
 
-@pytest.mark.parametrize("documents", [False, True], ids=["causal", "documents"])
-@pytest.mark.parametrize("fused", [False, True], ids=["logits", "fused-loss"])
-def test_parts_of_a_group_add_up_to_the_whole_sequence_loss_and_gradients(assets, documents, fused):
+@pytest.mark.parametrize(
+    "documents, fused, compiled",
+    [(False, False, False), (True, False, False), (False, True, False), (True, True, False), (True, True, True)],
+    ids=["causal", "documents", "causal-fused-loss", "documents-fused-loss", "documents-fused-loss-compiled"],
+)
+def test_parts_of_a_group_add_up_to_the_whole_sequence_loss_and_gradients(assets, documents, fused, compiled):
     path = str(assets["base"])
     want_loss, want_grads = _reference(path, documents)
-    got = run_distributed(_sharded, 2, path, documents, fused)
+    got = run_distributed(_sharded, 2, path, documents, fused, compiled)
     assert sum(part for part, _ in got) == pytest.approx(want_loss, rel=1e-6, abs=1e-6)
     # each rank's part is its own tokens' share, not the mean of its slice
     assert got[0][0] != pytest.approx(want_loss / 2, rel=1e-3)
