@@ -150,7 +150,7 @@ def _no_local_mask(*args, **kwargs) -> None:
     return None
 
 
-def install(model: nn.Module, sp: SequenceParallel) -> None:
+def install(model: Any, sp: SequenceParallel) -> None:
     """Point ``model``'s attention at the sequence-parallel function of ``sp`` (this worker's one model)."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
