@@ -39,6 +39,9 @@ VARIANTS: dict[str, tuple[str, str, dict]] = {
     "zero3-compile": ("deepspeed", "zero3.json", {"compile": True}),
     "fsdp-unfused": ("fsdp", "fsdp.yaml", {"fused_loss": False}),
     "zero3-unfused": ("deepspeed", "zero3.json", {"fused_loss": False}),
+    # parallel.sequence_parallel: 2 (a name ending in -sp2), compiled layers: each sequence split over the 2 GPUs
+    "fsdp-compile-sp2": ("fsdp", "fsdp.yaml", {"compile": True}),
+    "zero3-compile-sp2": ("deepspeed", "zero3.json", {"compile": True}),
 }
 
 
@@ -73,7 +76,8 @@ def tiny_runs(assets, tmp_path_factory) -> Callable[[str], tuple[Path, str]]:
             assets, out,
             train={"max_steps": STEPS, "global_batch_size": 8, "micro_batch_size": 2, "log_every": 1,
                    "precision": "bf16", **train},
-            parallel={"engine": engine, "config": config, "nproc_per_node": gpus()},
+            parallel={"engine": engine, "config": config, "nproc_per_node": gpus(),
+                      "sequence_parallel": 2 if name.endswith("-sp2") else 1},
         )  # fmt: skip
 
     return run_cache(tmp_path_factory.mktemp("gpu-parity"), recipe)
@@ -143,6 +147,17 @@ def test_fsdp2_and_zero3_give_the_same_bf16_losses(tiny_runs):
     optimizer), on the GPUs with NCCL: DeepSpeed's bf16 optimizer and FSDP2's MixedPrecisionPolicy only run here."""
     bound = bf16_bound(tiny_runs)
     assert_same_losses(tiny_runs("zero3")[0], tiny_runs("fsdp")[0], bound, "ZeRO-3 against FSDP2")
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs: one sequence split over two under NCCL")
+@pytest.mark.parametrize("engine", ["fsdp", "zero3"])
+def test_sequence_parallel_keeps_the_bf16_losses(tiny_runs, engine):
+    """Each sequence split over the 2 GPUs (attention's all-to-alls through NCCL, inside compiled layers) against the
+    2 GPUs reading different sequences, at the same global batch: the same curve within bf16's bound."""
+    bound = bf16_bound(tiny_runs)
+    out, log = tiny_runs(f"{engine}-compile-sp2")
+    assert "sequence parallel: part 1 of 2" in log
+    assert_same_losses(out, tiny_runs(f"{engine}-compile")[0], bound, f"{engine}: sequence parallel 2")
 
 
 # -------------------------------------------------------------------------------------------------- offload
