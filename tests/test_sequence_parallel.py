@@ -86,6 +86,11 @@ def test_the_runs_really_split_the_sequences(runs):
     line = "INFO launcher.engine.ulysses: sequence parallel: part 1 of 2 of each sequence (data-parallel rank 0 of 2)"
     assert line in runs["fsdp-dp2-sp2"][1]
     assert "sequence parallel" not in runs["fsdp-dp2"][1]
+    card = (runs["fsdp-dp2-sp2"][0] / "README.md").read_text()
+    assert (
+        "(2 per data-parallel rank x 1 accumulation x 2 data-parallel ranks; each sequence split over 2 of the 4"
+        in card
+    )
 
 
 def test_a_sequence_parallel_checkpoint_resumes_without_it(assets, runs, tmp_path):

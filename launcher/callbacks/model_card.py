@@ -192,8 +192,7 @@ def _training_rows(run: RunInfo, last_step: int, tokens_seen: int) -> list[tuple
         *([("Positions (RoPE)", rope)] if (rope := _rope(r)) else []),
         (
             "Global batch",
-            f"{run.global_batch_size:,} sequences = {run.tokens_per_step:,} tokens "
-            f"({t.micro_batch_size} per process x {run.grad_accum} accumulation x {run.world_size} processes)",
+            f"{run.global_batch_size:,} sequences = {run.tokens_per_step:,} tokens " + _batch_terms(r, run),
         ),
         (
             "Optimizer",
@@ -298,3 +297,15 @@ def _change(a: dict[str, Any], b: dict[str, Any]) -> str:
     if pa is None or pb is None or pa == 0:
         return "n/a"
     return f"{100 * (pb - pa) / pa:+.1f}%"
+
+
+def _batch_terms(r, run) -> str:
+    """How the global batch is made: per process (per data-parallel rank with sequence parallelism), accumulation,
+    processes."""
+    t, n = r.train, r.parallel.sequence_parallel
+    if n <= 1:
+        return f"({t.micro_batch_size} per process x {run.grad_accum} accumulation x {run.world_size} processes)"
+    return (
+        f"({t.micro_batch_size} per data-parallel rank x {run.grad_accum} accumulation x {run.world_size // n} "
+        f"data-parallel ranks; each sequence split over {n} of the {run.world_size} processes)"
+    )
