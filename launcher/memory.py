@@ -87,8 +87,8 @@ def attention_terms(recipe: Recipe, config: Any, low: int) -> tuple[float, float
       their copy in the compute dtype, ``heads / N x T^2`` each.
     * sdpa without a mask, flash_attention_2 (varlen with document masking): nothing; memory linear in T.
 
-    Under sequence parallelism the mask and the scores are those of the whole sequence on every rank of its group
-    (the heads are split, the mask is shared by all heads)."""
+    Under sequence parallelism (sdpa only) the mask is the whole sequence's on every rank of its group (the heads are
+    split, the mask is shared by all heads)."""
     s = model_shape(config)
     t = recipe.data.seq_len
     q, kv = s["heads"] * s["head_dim"], s["kv_heads"] * s["head_dim"]
@@ -96,8 +96,7 @@ def attention_terms(recipe: Recipe, config: Any, low: int) -> tuple[float, float
     impl = recipe.model.attn_implementation
     if impl == "eager":
         probs = 4 + (low if low < 4 else 0)  # the fp32 softmax, and its cast (none in fp32 training)
-        heads = s["heads"] / max(1, recipe.parallel.sequence_parallel)
-        return repeated, heads * t * t * probs, low * t * t
+        return repeated, s["heads"] * t * t * probs, low * t * t  # (eager cannot run sequence-parallel)
     if impl == "sdpa" and recipe.data.document_masking:
         return repeated, low * t * t, t * t
     return 0.0, 0.0, 0.0
@@ -200,7 +199,7 @@ def sequence_parallel_choices(recipe: Recipe, config: Any, world_size: int) -> l
     heads inside attention and 1/N of the tokens outside it) and leave a batch layout that divides."""
     s = model_shape(config)
     out = []
-    for n in range(1, world_size + 1):
+    for n in range(1, world_size + 1 if recipe.model.attn_implementation == "sdpa" else 2):  # splits sdpa only
         if world_size % n or s["heads"] % n or s["kv_heads"] % n or recipe.data.seq_len % n:
             continue
         try:
