@@ -137,6 +137,42 @@ def train_losses(out: Path) -> dict[int, float]:
     return {m["step"]: m["loss"] for m in read_metrics(out) if "loss" in m}
 
 
+# ------------------------------------------------------------------------------ one trained run per engine, shared
+
+TRAINED = {"max_steps": 8, "save_every": 2, "keep_last": 3, "log_every": 1}
+"""The train section of the shared runs (``trained_runs``): 8 steps, checkpoints kept at steps 4, 6 and 8."""
+TRAINED_ENGINES = {"deepspeed": "zero3.json", "fsdp": "fsdp.yaml"}
+
+
+def trained_tree(assets: dict[str, Path], out: Path, engine: str) -> dict:
+    """The recipe of a shared run: the tiny model on 2 ranks, ``TRAINED``, no evaluation."""
+    parallel = {"engine": engine, "config": TRAINED_ENGINES[engine], "nproc_per_node": 2}
+    return tiny_recipe(assets, out, train=dict(TRAINED), eval={"sets": {}}, parallel=parallel)
+
+
+class TrainedRuns:
+    """engine -> the output_dir of one finished ``cpt run`` of ``trained_tree`` (ZeRO-3 or FSDP2), started on first
+    use and then shared by every test that needs a finished run of it (its checkpoints, final/, metrics): one run
+    per engine for the whole session instead of one per test. Read only: a test that changes files works on a
+    copy (``shutil.copytree``)."""
+
+    def __init__(self, assets: dict[str, Path], root: Path):
+        self.assets, self.root, self.outs = assets, root, {}
+
+    def __getitem__(self, engine: str) -> Path:
+        if engine not in self.outs:
+            out = self.root / engine
+            recipe = write_recipe(self.root / f"{engine}.yaml", trained_tree(self.assets, out, engine))
+            cpt("run", str(recipe))
+            self.outs[engine] = out
+        return self.outs[engine]
+
+
+@pytest.fixture(scope="session")
+def trained_runs(assets, tmp_path_factory) -> TrainedRuns:
+    return TrainedRuns(assets, tmp_path_factory.mktemp("trained"))
+
+
 # ----------------------------------------------------------------------------------- a function on several ranks
 
 

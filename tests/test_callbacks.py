@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import pwd
 import re
 import shutil
 import struct
@@ -435,10 +434,12 @@ def secret_run(assets, tmp_path_factory) -> tuple[Path, str]:
         parallel={"engine": "deepspeed", "config": "zero3.json", "nproc_per_node": 2,
                   "deepspeed": {"comet": {"enabled": False, "api_key": RECIPE_SECRET}}},
         logging={"wandb": "offline", "progress": True}))  # fmt: skip
-    # A HOME of its own keeps W&B away from the user's settings; DeepSpeed's compiled ops stay where they are.
-    extensions = os.environ.get("TORCH_EXTENSIONS_DIR") or str(
-        Path(pwd.getpwuid(os.getuid()).pw_dir) / ".cache" / "torch_extensions"
-    )
+    # A HOME of its own keeps W&B away from the user's settings; DeepSpeed's compiled ops stay where they are:
+    # where torch puts them for every other run of the session (its default follows HOME and XDG_CACHE_HOME, which
+    # need not be the passwd home), so that this run loads the shared-memory op instead of compiling it again.
+    from torch.utils.cpp_extension import get_default_build_root
+
+    extensions = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
     env = {"WANDB_API_KEY": ENV_SECRET, "WANDB_MODE": "offline", "HOME": str(home), "WANDB_SILENT": "true",
            "WANDB_X_DISABLE_STATS": "true", "TORCH_EXTENSIONS_DIR": extensions}  # fmt: skip
     for var in ("WANDB_DIR", "WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):

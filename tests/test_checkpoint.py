@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -10,7 +11,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, cpt, kill_whole_job, read_metrics, tiny_recipe, train_losses, worker_env, write_recipe
+from conftest import (
+    REPO,
+    TRAINED,
+    TRAINED_ENGINES,
+    cpt,
+    kill_whole_job,
+    read_metrics,
+    tiny_recipe,
+    train_losses,
+    trained_tree,
+    worker_env,
+    write_recipe,
+)
 from safetensors.torch import load_file
 
 ENGINES = [("deepspeed", "zero3.json"), ("fsdp", "fsdp.yaml")]
@@ -18,7 +31,7 @@ ENGINES = [("deepspeed", "zero3.json"), ("fsdp", "fsdp.yaml")]
 
 def recipe_for(assets, tmp_path: Path, name: str, engine: str, config: str, **train) -> tuple[Path, Path]:
     out = tmp_path / name
-    train = {"max_steps": 8, "save_every": 2, "keep_last": 3, "log_every": 1, **train}
+    train = {**TRAINED, **train}  # max_steps 8, save_every 2, keep_last 3, log_every 1
     parallel = {"engine": engine, "config": config, "nproc_per_node": 2}
     tree = tiny_recipe(assets, out, train=train, eval={"sets": {}}, parallel=parallel)
     return write_recipe(tmp_path / f"{name}.yaml", tree), out
@@ -30,10 +43,13 @@ def committed_steps(out: Path) -> list[int]:
 
 
 @pytest.mark.parametrize("engine, config", ENGINES)
-def test_sigkill_of_the_whole_job_then_resume_is_bit_exact(assets, tmp_path, engine, config):
-    straight_recipe, straight = recipe_for(assets, tmp_path, "straight", engine, config)
-    cpt("run", str(straight_recipe))
-    killed_recipe, killed = recipe_for(assets, tmp_path, "killed", engine, config)
+def test_sigkill_of_the_whole_job_then_resume_is_bit_exact(assets, tmp_path, trained_runs, engine, config):
+    # The run straight through is the session's shared run of this engine (conftest.trained_runs); the killed
+    # run has the same recipe but for output_dir.
+    straight = trained_runs[engine]
+    assert TRAINED_ENGINES[engine] == config
+    killed = tmp_path / "killed"
+    killed_recipe = write_recipe(tmp_path / "killed.yaml", trained_tree(assets, killed, engine))
     proc = subprocess.Popen([sys.executable, "-m", "launcher", "run", str(killed_recipe)], cwd=REPO,
                             env=worker_env(), start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)  # fmt: skip
@@ -71,10 +87,13 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous(assets, tmp_path):
     assert steps == list(range(1, 8))
 
 
-def test_a_checkpoint_cannot_run_code_when_loaded(assets, tmp_path):
-    recipe, out = recipe_for(assets, tmp_path, "evil", "deepspeed", "zero3.json", max_steps=2)
-    cpt("run", str(recipe))
-    ckpt = out / "checkpoints" / "step-2"
+def test_a_checkpoint_cannot_run_code_when_loaded(assets, tmp_path, trained_runs):
+    # a copy of the session's shared ZeRO-3 run (conftest.trained_runs): its newest checkpoint, step 8, is replaced
+    out = tmp_path / "evil"
+    shutil.copytree(trained_runs["deepspeed"], out)
+    recipe = write_recipe(tmp_path / "evil.yaml", trained_tree(assets, out, "deepspeed"))
+    ckpt = out / "checkpoints" / "step-8"
+    assert (out / "checkpoints" / "latest").read_text().strip() == ckpt.name
     marker = tmp_path / "pwned"
     evil = ckpt / "zero_pp_rank_0_mp_rank_00_model_states.pt"
     payload = tmp_path / "payload.py"
@@ -89,7 +108,7 @@ def test_a_checkpoint_cannot_run_code_when_loaded(assets, tmp_path):
     manifest = json.loads((ckpt / "manifest.json").read_text())
     manifest[evil.name] = evil.stat().st_size  # the attacker also fixes the manifest
     (ckpt / "manifest.json").write_text(json.dumps(manifest))
-    p = subprocess.run([sys.executable, "-m", "launcher", "run", str(recipe), "train.max_steps=3"], cwd=REPO,
+    p = subprocess.run([sys.executable, "-m", "launcher", "run", str(recipe), "train.max_steps=9"], cwd=REPO,
                        env=worker_env(), capture_output=True, text=True, timeout=300)  # fmt: skip
     assert p.returncode != 0
     assert "weights_only" in p.stderr or "Unpickl" in p.stderr, p.stderr[-3000:]

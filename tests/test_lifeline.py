@@ -96,20 +96,24 @@ def test_killing_the_launcher_leaves_no_worker_and_the_rerun_resumes(assets, tmp
     assert steps == list(range(1, newest + 3)), steps
 
 
-def test_a_second_run_on_the_same_output_dir_is_refused_and_the_first_goes_on(assets, tmp_path):
+@pytest.fixture(scope="module")
+def live_run(assets, tmp_path_factory) -> dict:
+    """One FSDP2 run on 2 ranks serving the two tests that need a live run: at step 3, ``cpt status`` reads it and a
+    second ``cpt run`` on its output_dir is refused; the run trains on for 2 more steps, is then preempted (SIGTERM
+    to cpt) and lets go of its lock. What each test checks is taken when it happened (the steps logged right after
+    ``cpt status`` returned, the lock record before the second run), so that one run proves both."""
+    tmp_path = tmp_path_factory.mktemp("live")
     recipe, out = long_recipe(assets, tmp_path, "fsdp", "fsdp.yaml")
     first = launch("cpt", recipe, 0)
     try:
-        wait_for_step(out, 2, first)
+        wait_for_step(out, 3, first)
+        status = cpt("status", str(out)).stdout
+        logged_at_status = max(logged_steps(out))
         owner = json.loads((out / ".cpt-owner.json").read_text())
-        assert owner["pid"] == first.pid
         start = time.time()
         second = subprocess.run([sys.executable, "-m", "launcher", "run", str(recipe)], cwd=REPO, env=worker_env(),
                                 capture_output=True, text=True, timeout=120)  # fmt: skip
-        assert second.returncode == 2, second.stderr[-3000:]
-        assert time.time() - start < 30
-        assert f"output_dir {out} is in use by another run: pid {first.pid} on " in second.stderr
-        assert "Traceback" not in second.stderr
+        refused_in = time.time() - start
         # the first run trains on (however fast its steps are), then ends as a preempted job does and lets go
         wait_for_step(out, max(logged_steps(out)) + 2, first)
         first.send_signal(signal.SIGTERM)
@@ -117,14 +121,28 @@ def test_a_second_run_on_the_same_output_dir_is_refused_and_the_first_goes_on(as
     finally:
         if first.poll() is None:
             os.killpg(first.pid, signal.SIGKILL)
-    assert first.returncode == 75, log[-4000:]
+    return {"out": out, "first": first, "log": log, "status": status, "logged_at_status": logged_at_status,
+            "owner": owner, "second": second, "refused_in": refused_in}  # fmt: skip
+
+
+def test_a_second_run_on_the_same_output_dir_is_refused_and_the_first_goes_on(live_run):
+    out, first, second = live_run["out"], live_run["first"], live_run["second"]
+    assert live_run["owner"]["pid"] == first.pid
+    assert second.returncode == 2, second.stderr[-3000:]
+    assert live_run["refused_in"] < 30
+    assert f"output_dir {out} is in use by another run: pid {first.pid} on " in second.stderr
+    assert "Traceback" not in second.stderr
+    assert first.returncode == 75, live_run["log"][-4000:]
     steps = logged_steps(out)
     assert steps == list(range(1, len(steps) + 1)), steps
+    assert steps[-1] >= live_run["logged_at_status"] + 2, "the first run did not train on after the refusal"
     assert not (out / ".cpt-owner.json").exists(), "the run did not give its lock up"
 
 
 def test_a_lock_left_by_a_killed_job_does_not_block_the_next(assets, tmp_path):
-    recipe, out = long_recipe(assets, tmp_path, "deepspeed", "zero3.json")
+    # FSDP2 (the lock is cpt's, whichever engine trains; ZeRO-3 workers dying with their launcher are the kill tests
+    # above): it starts faster than DeepSpeed
+    recipe, out = long_recipe(assets, tmp_path, "fsdp", "fsdp.yaml")
     proc = launch("cpt", recipe, 0)
     try:
         wait_for_step(out, 3, proc)
@@ -143,19 +161,12 @@ def test_a_lock_left_by_a_killed_job_does_not_block_the_next(assets, tmp_path):
     assert [m["step"] for m in read_metrics(out) if "loss" in m][-1] == done + 1
 
 
-def test_status_names_the_owner_and_the_progress_of_a_live_run(assets, tmp_path):
-    recipe, out = long_recipe(assets, tmp_path, "fsdp", "fsdp.yaml")
-    proc = launch("cpt", recipe, 0)
-    try:
-        wait_for_step(out, 3, proc)
-        text = cpt("status", str(out)).stdout
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-    assert f"running: pid {proc.pid} on " in text, text
+def test_status_names_the_owner_and_the_progress_of_a_live_run(live_run):
+    out, text = live_run["out"], live_run["status"]
+    assert f"running: pid {live_run['first'].pid} on " in text, text
     fields = dict(line.strip().split(": ", 1) for line in text.splitlines())
     # the run went on while status read it: what it reports lies between the step waited for and the last one
-    assert 3 <= int(fields["last step"]) <= max(logged_steps(out)), text
+    assert 3 <= int(fields["last step"]) <= live_run["logged_at_status"], text
     step = int(fields["last checkpoint"].rsplit("step-", 1)[1])
     assert fields["last checkpoint"] == str(out / "checkpoints" / f"step-{step}") and step % 2 == 0, text
 

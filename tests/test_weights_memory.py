@@ -64,8 +64,11 @@ def checkpoints(assets, tmp_path_factory) -> dict[str, tuple[Path, int]]:
     return out
 
 
-def peak_per_rank(recipe: Path, timeout: float = 600) -> dict[int, float]:
-    """Run the recipe; sample every worker's VmHWM (its peak resident set) until it exits: rank -> bytes."""
+def peak_per_rank(recipe: Path, nproc: int, timeout: float = 600) -> dict[int, float]:
+    """Run the recipe; sample every worker's VmHWM (its peak resident set) until it exits: rank -> bytes. The
+    process tree is walked only until all ``nproc`` workers are found (walking it reads every process's stat,
+    milliseconds each time, which the ranks being measured would otherwise lose to the sampler 50 times a
+    second); from then on only their status files are read, every 20 ms as before."""
     # deepspeed.zero.Init makes each parameter whole on the CPU before partitioning it (on a GPU it does that in GPU
     # memory). glibc serves those short-lived tensors from its heap once freed mmap chunks have raised its mmap
     # threshold, and keeps the freed heap: +0.8 GiB of RSS per rank for this model on 4 ranks that no tensor
@@ -75,18 +78,23 @@ def peak_per_rank(recipe: Path, timeout: float = 600) -> dict[int, float]:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
     peaks: dict[int, float] = {}
     ranks: dict[int, int] = {}
+    workers: list[psutil.Process] = []
     end = time.time() + timeout
     while proc.poll() is None and time.time() < end:
-        try:
-            children = psutil.Process(proc.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            break
+        if len(ranks) < nproc:
+            try:
+                children = psutil.Process(proc.pid).children(recursive=True)
+            except psutil.NoSuchProcess:
+                break
+        else:
+            children = workers
         for child in children:
             try:
                 if child.pid not in ranks:
                     if "launcher.train" not in " ".join(child.cmdline()):
                         continue
                     ranks[child.pid] = int(child.environ()["RANK"])
+                    workers.append(child)
                 status = Path(f"/proc/{child.pid}/status").read_text()
             except (psutil.Error, OSError, KeyError, ValueError):
                 continue
@@ -111,9 +119,9 @@ def recipe_for(assets, tmp_path: Path, name: str, model_dir: Path, engine: str, 
 def test_no_rank_holds_the_whole_model(assets, tmp_path, checkpoints, engine, config):
     big, n = checkpoints["big"]
     tiny, _ = checkpoints["tiny"]
-    base = peak_per_rank(recipe_for(assets, tmp_path, "tiny", tiny, engine, config, 2))
+    base = peak_per_rank(recipe_for(assets, tmp_path, "tiny", tiny, engine, config, 2), 2)
     overhead = max(base.values())
-    peaks = {w: peak_per_rank(recipe_for(assets, tmp_path, f"big{w}", big, engine, config, w)) for w in (2, 4)}
+    peaks = {w: peak_per_rank(recipe_for(assets, tmp_path, f"big{w}", big, engine, config, w), w) for w in (2, 4)}
     report = {w: {r: round(v / MB) for r, v in p.items()} for w, p in peaks.items()}
     print(f"{engine}: overhead {overhead / MB:.0f} MB; peaks (MB) by world size and rank {report}")
     for w, p in peaks.items():
