@@ -124,6 +124,7 @@ def start_save(
     if final.is_dir():
         return None
     tmp = root / f"step-{step}.tmp"
+    layout = engine.layout
     with _naming_write_failure(tmp, output_dir):
         if info.rank == 0:
             for stale in root.glob("step-*.tmp") if root.is_dir() else []:
@@ -133,12 +134,12 @@ def start_save(
         handle = engine.save(tmp, background=background)
         # This rank's data position and RNG describe this step: written now, whatever the engine still writes. The
         # data position is one per data-parallel rank (the ranks of a sequence-parallel group read as one).
-        n = engine.layout.sequence_parallel
-        if info.rank % n == 0:
-            write_text(tmp / f"data-rank{info.rank // n}.json", json.dumps(data_state))
+        if info.rank % layout.sequence_parallel == 0:
+            write_text(tmp / f"data-rank{layout.data_rank(info.rank)}.json", json.dumps(data_state))
         torch_save(_rng_state(), tmp / f"rng-rank{info.rank}.pt")
-    state = {**trainer_state, "step": step, "world_size": info.world_size, "sequence_parallel": n,
-             "engine": engine.recipe.parallel.engine, "dtype": str(engine.dtype).removeprefix("torch.")}  # fmt: skip
+    state = {**trainer_state, "step": step, "world_size": info.world_size,
+             "sequence_parallel": layout.sequence_parallel, "engine": engine.recipe.parallel.engine,
+             "dtype": str(engine.dtype).removeprefix("torch.")}  # fmt: skip
     return PendingSave(engine, info, Path(output_dir), tmp, final, state, tokenizer, keep_last, handle, background,
                        began, time.perf_counter() - began)  # fmt: skip
 
@@ -347,10 +348,9 @@ def _continue_stream(
     rank."""
     saved = int(state.get("world_size") or info.world_size)
     saved_data = saved // int(state.get("sequence_parallel") or 1)
-    n = engine.layout.sequence_parallel
-    data_rank = info.rank // n
+    data_rank = engine.layout.data_rank(info.rank)
     all_ranks = None
-    if saved_data != info.world_size // n:
+    if saved_data != engine.layout.data_parallel:
         all_ranks = [json.loads((path / f"data-rank{r}.json").read_text()) for r in range(saved_data)]
         data_state = all_ranks[data_rank] if data_rank < saved_data else all_ranks[0]
     else:

@@ -76,7 +76,7 @@ class Trainer:
                 self.tokenizer,
                 micro_batch_size=self.layout.micro_batch_size,
                 # the ranks of a sequence-parallel group read the same sequences
-                rank=info.rank // self.layout.sequence_parallel,
+                rank=self.layout.data_rank(info.rank),
                 world_size=self.layout.data_parallel,
                 seed=recipe.train.seed,
                 grad_accum=self.layout.grad_accum,
@@ -106,7 +106,7 @@ class Trainer:
         log.info("reading the eval sets: %s", ", ".join(recipe.eval_sources()) or "none")
         stage = time.perf_counter()
         self.eval_sets = {
-            name: eval_blocks(src, self.tokenizer, seq_len=d.seq_len, rank=info.rank // self.layout.sequence_parallel,
+            name: eval_blocks(src, self.tokenizer, seq_len=d.seq_len, rank=self.layout.data_rank(info.rank),
                               world_size=self.layout.data_parallel, max_blocks=recipe.eval.max_blocks)
             for name, src in recipe.eval_sources().items()
         }  # fmt: skip

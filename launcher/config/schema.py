@@ -458,12 +458,8 @@ class Recipe:
         which share each sequence (so world / N data-parallel ranks)."""
         sp = self.parallel.sequence_parallel
         if sp < 1 or world_size % sp:
-            raise ConfigError(
-                [
-                    f"parallel.sequence_parallel: {sp} does not divide the world size {world_size} "
-                    f"(ranks are grouped {sp} to a sequence)"
-                ]
-            )
+            problem = f"parallel.sequence_parallel: {sp} does not divide the world size {world_size}"
+            raise ConfigError([f"{problem} (ranks are grouped {sp} to a sequence)"])
         data_parallel = world_size // sp
         micro = self.train.micro_batch_size
         global_batch = self.train.global_batch_size or micro * data_parallel
@@ -496,3 +492,7 @@ class BatchLayout:
     def data_parallel(self) -> int:
         """Ranks that read different sequences: world / sequence_parallel."""
         return self.world_size // self.sequence_parallel
+
+    def data_rank(self, rank: int) -> int:
+        """The data-parallel rank of ``rank`` (a sequence-parallel group: contiguous ranks, the same sequences)."""
+        return rank // self.sequence_parallel
