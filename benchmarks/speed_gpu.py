@@ -125,6 +125,10 @@ RUNS: dict[str, Run] = {
     "llama3-3b-fsdp-mb4": Run("fsdp.yaml", 1, 4, [*FAST, *LLAMA3_3B], **SHAPE_3B),
     "llama3-3b-fsdp-mb4-tensorwise": Run("fsdp.yaml", 1, 4, [*FAST, *LLAMA3_3B, *TENSORWISE], **SHAPE_3B),
     "llama3-3b-fsdp-mb4-rowwise": Run("fsdp.yaml", 1, 4, [*FAST, *LLAMA3_3B, *ROWWISE], **SHAPE_3B),
+    # micro-batch 8 (32K tokens per step, no checkpointing: about 90 GiB): the linear layers' share of the step grows
+    "llama3-3b-fsdp-mb8": Run("fsdp.yaml", 1, 8, [*FAST, *LLAMA3_3B], **SHAPE_3B),
+    "llama3-3b-fsdp-mb8-tensorwise": Run("fsdp.yaml", 1, 8, [*FAST, *LLAMA3_3B, *TENSORWISE], **SHAPE_3B),
+    "llama3-3b-fsdp-mb8-rowwise": Run("fsdp.yaml", 1, 8, [*FAST, *LLAMA3_3B, *ROWWISE], **SHAPE_3B),
     # one checkpoint at step 6 (of 10 or more), synchronous against in the background: the training stall of a save
     # (checkpoint_stall_s). One: a 3B checkpoint is 38.5 GB, two do not fit a 64 GB disk with the one being written.
     "llama3-3b-fsdp-mb4-save-sync": Run("fsdp.yaml", 1, 4, [*FAST, *LLAMA3_3B, *SAVE_ONCE], **SHAPE_3B),
