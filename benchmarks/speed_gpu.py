@@ -31,6 +31,7 @@ import json
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -63,6 +64,9 @@ def long_seq(seq_len: int, sp: int = 1, checkpointing: bool = True) -> list[str]
 
 
 SAVE_ONCE = ["train.save_every=6", "train.keep_last=1"]
+# a run that saves: the synchronous write of a 3B checkpoint took 94 s on the H200 machine's disk (2026-12-02), and a
+# background one is waited for at the end of the run
+SHAPE_3B_SAVE = {"model": "llama3-3b", "slow": 4.0, "scales": True}
 FLOAT8_SUFFIXES = ("-rowwise", "-tensorwise")  # a float8 run is named after its bf16 run plus one of these
 
 
@@ -131,9 +135,9 @@ RUNS: dict[str, Run] = {
     "llama3-3b-fsdp-mb8-rowwise": Run("fsdp.yaml", 1, 8, [*FAST, *LLAMA3_3B, *ROWWISE], **SHAPE_3B),
     # one checkpoint at step 6 (of 10 or more), synchronous against in the background: the training stall of a save
     # (checkpoint_stall_s). One: a 3B checkpoint is 38.5 GB, two do not fit a 64 GB disk with the one being written.
-    "llama3-3b-fsdp-mb4-save-sync": Run("fsdp.yaml", 1, 4, [*FAST, *LLAMA3_3B, *SAVE_ONCE], **SHAPE_3B),
+    "llama3-3b-fsdp-mb4-save-sync": Run("fsdp.yaml", 1, 4, [*FAST, *LLAMA3_3B, *SAVE_ONCE], **SHAPE_3B_SAVE),
     "llama3-3b-fsdp-mb4-save-async": Run(
-        "fsdp.yaml", 1, 4, [*FAST, *LLAMA3_3B, *SAVE_ONCE, "train.async_save=true"], **SHAPE_3B
+        "fsdp.yaml", 1, 4, [*FAST, *LLAMA3_3B, *SAVE_ONCE, "train.async_save=true"], **SHAPE_3B_SAVE
     ),
     # the plain FSDP2 loop with per-layer compile (plain_fsdp_gpu.py), at the shapes of our runs above
     # long context (issue: 1.1B at 16K/32K/64K on one GPU; the 8B shape at 32K/64K with sequence parallelism)
@@ -281,6 +285,8 @@ def ours(
         run_env = {**env, "CUDA_VISIBLE_DEVICES": visible(gpus)}
         rc, wall = run_process(cmd, run_env, timeout, out / f"{name}.log")
         command = "cpt run"
+    # a 3B checkpoint is 38.5 GB: the next run's save would not fit the machine's disk beside it
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     recipe = load_recipe(RECIPE, overrides, world_size=gpus, check_files=False)
     cfg = load_config(recipe)
     record: dict = {"engine": engine, "config": run.config, "model": run.model, "seq_len": recipe.data.seq_len,
@@ -316,9 +322,13 @@ def ours(
     )  # fmt: skip
     stalls = {x["step"]: x["checkpoint_stall_s"] for x in lines if "checkpoint_stall_s" in x}
     if stalls:
-        # the seconds each save held training up (logged with the step after its commit), and every step's time:
-        # a save in the background also slows the steps that run while it writes
-        record.update(checkpoint_stall_s=stalls, step_times=[round(x["step_time"], 4) for x in train])
+        # the seconds each save held training up, as the run logs them with the step after its commit
+        record["checkpoint_stall_s"] = stalls
+    every = save_every(overrides)
+    if every:
+        # every step's time (a save in the background also slows the steps that run while it writes) and, measured
+        # from outside, what each save cost training even when the run ends before its write does
+        record.update(step_times=[round(x["step_time"], 4) for x in train], save_gap_s=save_gaps(train, every))
     summary = run_dir / "profile" / "rank0.summary.json"
     if summary.is_file():
         prof = json.loads(summary.read_text())
@@ -326,6 +336,26 @@ def ours(
     if record["peak_mem_gib"]:
         record["estimate_error"] = round(record["memory_estimate_gib"] / record["peak_mem_gib"] - 1, 3)
     return record
+
+
+def save_every(overrides: list[str]) -> int:
+    """``train.save_every`` of a run (the last override wins; 0: no checkpoints before the end)."""
+    return int(next((o.partition("=")[2] for o in reversed(overrides) if o.startswith("train.save_every=")), 0))
+
+
+def save_gaps(train: list[dict], every: int) -> dict[int, float]:
+    """For each step N that saved (a multiple of ``every`` with a step after it): the wall time between the metrics
+    lines of steps N and N+1 (their ``time``) over the median step's ``step_time``. That is the time training lost to
+    the save: its start (and, synchronous, the whole write) between the two steps, and, in the background, the next
+    step waiting for the copy of the state and running beside the write."""
+    by_step = {x["step"]: x for x in train}
+    typical = statistics.median(x["step_time"] for x in train[1:] or train)
+    gaps = {}
+    for step, line in by_step.items():
+        after = by_step.get(step + 1)
+        if step % every == 0 and after is not None:
+            gaps[step] = round(after["time"] - line["time"] - typical, 3)
+    return gaps
 
 
 def sequence_parallel_of(overrides: list[str]) -> int:
