@@ -93,3 +93,61 @@ def test_stop_policy_ends_the_run_at_the_bad_step_and_keeps_the_last_checkpoint(
     assert (committed[-1] / "trainer_state.json").is_file()
     assert not (out / "final").exists()
     assert "intact" in p.stderr and str(committed[-1]) in p.stderr and last < 12
+
+
+def _fused_step_on_shards() -> dict:
+    """One finite and one non-finite step of a fused AdamW over FSDP2 shards (this rank's part of 2), and the same
+    finite step of torch's single-tensor AdamW on an unsharded copy in this process."""
+    import copy
+
+    from torch.distributed.fsdp import fully_shard
+
+    from launcher.compat import step_unless_nonfinite
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 4))
+    reference = copy.deepcopy(model)
+    for layer in model:
+        fully_shard(layer)
+    fully_shard(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.1, fused=True)
+    ref_opt = torch.optim.AdamW(reference.parameters(), lr=0.1, weight_decay=0.1, foreach=False)
+    x = torch.linspace(-1, 1, 16).reshape(2, 8)
+
+    def full(m):
+        return [p.detach().full_tensor().clone() if hasattr(p, "full_tensor") else p.detach().clone()
+                for p in m.parameters()]  # fmt: skip
+
+    for m, o, step in ((model, opt, step_unless_nonfinite), (reference, ref_opt, None)):
+        m(x).square().sum().backward()
+        norm = torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        step(o, norm) if step else o.step()
+        o.zero_grad()
+    after_finite = full(model)
+    model(x * float("nan")).square().sum().backward()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0).full_tensor()
+    step_unless_nonfinite(opt, norm)
+    state = opt.state[next(iter(model.parameters()))]
+    return {
+        "finite_vs_reference": max((a - b).abs().max().item() for a, b in zip(after_finite, full(reference))),
+        "moved_by_nonfinite": max((a - b).abs().max().item() for a, b in zip(after_finite, full(model))),
+        "nonfinite_norm": float(norm),
+        "steps": float(state["step"]),
+        "finite_moments": bool(torch.isfinite(state["exp_avg"].to_local()).all()),
+        "flag_left": hasattr(opt, "found_inf"),
+    }
+
+
+def test_a_fused_optimizer_drops_a_nonfinite_update_on_fsdp2_shards_without_the_host_deciding():
+    """The FSDP2 engine's GPU path: the fused AdamW kernel itself skips the update of a non-finite gradient norm
+    (launcher.compat.step_unless_nonfinite), the finite step is torch's plain AdamW on the whole model."""
+    from conftest import run_distributed
+
+    for got in run_distributed(_fused_step_on_shards, 2):
+        assert got["finite_vs_reference"] < 1e-6, got
+        assert math.isnan(got["nonfinite_norm"]), got
+        assert got["moved_by_nonfinite"] == 0.0, got
+        assert got["steps"] == 1.0, got  # the skipped step is not counted in Adam's bias correction
+        assert got["finite_moments"], got
+        assert not got["flag_left"], got

@@ -29,7 +29,7 @@ from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
-from ..compat import dcp_writer_naming_os_errors
+from ..compat import dcp_writer_naming_os_errors, step_unless_nonfinite
 from ..config import BatchLayout, Recipe
 from ..files import torch_save
 from ..launch import DistInfo
@@ -160,11 +160,17 @@ class FsdpEngine(Engine):
         norm = torch.nn.utils.clip_grad_norm_(self.trainable, clip, foreach=True)
         if isinstance(norm, DTensor):
             norm = norm.full_tensor()
+        # The norm is reduced over every rank, so all of them agree on skipping a non-finite step. A fused optimizer
+        # (on GPUs) drops the update itself when the norm is not finite, and the host reads the norm only once the
+        # update is queued: the GPU does not idle while the host waits for the backward pass and then launches it.
+        fused = bool(self.optimizer.defaults.get("fused"))
+        if fused:
+            step_unless_nonfinite(self.optimizer, norm)
         value = float(norm.item())
-        # The norm is reduced over every rank, so all of them agree on skipping a non-finite step.
         self.skipped = not math.isfinite(value)
         if not self.skipped:
-            self.optimizer.step()
+            if not fused:
+                self.optimizer.step()
             self.scheduler.step()
             if self.float8_all_gather:
                 precompute_scales(self.model)
