@@ -44,16 +44,16 @@ def poisoned(assets, tmp_path_factory):
     return {"base": root / "base", "data": data, "poison_id": poison_id}
 
 
-def run(assets, poisoned, tmp_path, engine, config, **train):
+def run(assets, poisoned, tmp_path, engine, config, nproc=2, env=None, **train):
     out = tmp_path / "out"
     tree = tiny_recipe(
         assets, out, model={"name_or_path": str(poisoned["base"])}, data={"train": [{"path": str(poisoned["data"])}],
         "seq_len": 32}, eval={"sets": {}},
         train={"max_steps": 12, "save_every": 2, "log_every": 1, "schedule": "constant", **train},
-        parallel={"engine": engine, "config": config, "nproc_per_node": 2},
+        parallel={"engine": engine, "config": config, "nproc_per_node": nproc},
     )  # fmt: skip
     recipe = write_recipe(tmp_path / "r.yaml", tree)
-    p = subprocess.run([sys.executable, "-m", "launcher", "run", str(recipe)], cwd=REPO, env=worker_env(),
+    p = subprocess.run([sys.executable, "-m", "launcher", "run", str(recipe)], cwd=REPO, env=worker_env(**(env or {})),
                        capture_output=True, text=True, timeout=420)  # fmt: skip
     return out, p
 
@@ -62,6 +62,19 @@ def run(assets, poisoned, tmp_path, engine, config, **train):
 def test_a_nan_on_one_rank_skips_that_step_on_every_rank_and_training_goes_on(assets, poisoned, tmp_path, engine,
                                                                               config):  # fmt: skip
     out, p = run(assets, poisoned, tmp_path, engine, config, nonfinite="skip", max_skipped_steps=3)
+    assert_nan_step_skipped(out, p, poisoned)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: FSDP2's optimizer is fused there")
+def test_on_gpus_the_fused_optimizer_skips_the_nan_step_and_training_goes_on(assets, poisoned, tmp_path):
+    """FSDP2 on CUDA: the fused AdamW kernel drops the update (launcher.compat.step_unless_nonfinite)."""
+    out, p = run(assets, poisoned, tmp_path, "fsdp", "fsdp.yaml", nproc=min(2, torch.cuda.device_count()),
+                 nonfinite="skip", max_skipped_steps=3)  # fmt: skip
+    assert_nan_step_skipped(out, p, poisoned)
+
+
+def assert_nan_step_skipped(out, p, poisoned) -> None:
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     steps = [m for m in read_metrics(out) if "loss" in m]
     bad = [m["step"] for m in steps if not math.isfinite(m["loss"])]
