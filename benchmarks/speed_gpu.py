@@ -50,6 +50,7 @@ BUCKETS = [f"{ZERO}reduce_bucket_size=500000000", f"{ZERO}stage3_prefetch_bucket
 DEEPCOMPILE = ["parallel.deepspeed.compile.deepcompile=true"]
 # the Llama-3 8B shape at its native sequence length, every 4th layer checkpointed, no offload, no accumulation
 LLAMA3_8B = ["data.seq_len=8192", "model.activation_checkpointing=true", "model.checkpoint_every=4"]
+ACCUM4 = ["train.global_batch_size=16"]  # with 2 GPUs and micro-batch 2: 4 micro-batches per step
 # the Llama-3.2 3B shape at seq 4096: micro-batch 2 fits one H200 without checkpointing
 LLAMA3_3B = ["data.seq_len=4096"]
 ROWWISE, TENSORWISE = ["train.float8=rowwise"], ["train.float8=tensorwise"]
@@ -116,6 +117,19 @@ RUNS: dict[str, Run] = {
     "fsdp-2nodes-1gpu": Run("fsdp.yaml", 2, 16, FAST, nodes=2),
     "llama3-8b-fsdp": Run("fsdp.yaml", 2, 2, [*FAST, *LLAMA3_8B], model="llama3-8b", slow=3),
     "llama3-8b-zero3": Run("zero3.json", 2, 2, [*FAST, *LLAMA3_8B], model="llama3-8b", slow=3),
+    # recipes/llama3-8b-fsdp.yaml's micro-batch, length and checkpointing with gradient accumulation (global batch 16
+    # on 2 GPUs: 4 micro-batches; the recipe's 128 would take 32 per step): each micro-batch's gradients
+    # reduce-scattered as its backward runs (the default) against the whole model's unsharded fp32 gradients kept
+    # until the last micro-batch, which `cpt plan` puts at 147.8 GiB per GPU on 2 GPUs (117.9 for the default)
+    "llama3-8b-fsdp-accum4": Run("fsdp.yaml", 2, 2, [*FAST, *LLAMA3_8B, *ACCUM4], model="llama3-8b", slow=4),
+    "llama3-8b-fsdp-accum4-reduce-once": Run(
+        "fsdp.yaml",
+        2,
+        2,
+        [*FAST, *LLAMA3_8B, *ACCUM4, "parallel.fsdp.reduce_every_micro_batch=false"],
+        model="llama3-8b",
+        slow=4,
+    ),  # fmt: skip
     # float8 (torchao) against the bf16 run of the same name without the suffix
     "fsdp-1gpu-rowwise": Run("fsdp.yaml", 1, 16, [*FAST, *ROWWISE]),
     "fsdp-1gpu-tensorwise": Run("fsdp.yaml", 1, 16, [*FAST, *TENSORWISE]),
@@ -301,7 +315,10 @@ def ours(
                     for o in overrides]}  # fmt: skip
     record["float8"] = float8_of(run.extra)
     sp = record["sequence_parallel"] = sequence_parallel_of(run.extra)
-    record["global_batch"] = mb * gpus // sp
+    accum = recipe.batch_layout(gpus).grad_accum  # a run's own train.global_batch_size may accumulate
+    record["global_batch"] = mb * gpus * accum // sp
+    if accum > 1:
+        record["grad_accum"] = accum
     est = estimate(recipe, cfg, gpus)
     record["memory_estimate_gib"] = round(est.total / GIB, 2)
     record["memory_estimate_parts_gib"] = {k: round(v / GIB, 2) for k, v in est.parts.items()}
@@ -314,7 +331,8 @@ def ours(
     if not steady:
         return record
     step_time = sum(x["step_time"] for x in steady) / len(steady)
-    per_gpu = mb * recipe.data.seq_len / sp / step_time  # a GPU holds 1/N of each of its micro-batch's sequences
+    # a GPU holds 1/N of each of its micro-batches' sequences
+    per_gpu = mb * accum * recipe.data.seq_len / sp / step_time
     peak = 989e12
     record.update(
         steps_measured=len(steady), step_time_s=round(step_time, 4), tokens_per_s_per_gpu=round(per_gpu),
