@@ -361,9 +361,14 @@ def ours(
     return record
 
 
+def override_of(overrides: list[str], key: str, default: str) -> str:
+    """The value ``key`` takes in ``overrides`` (the last one wins, as in the recipe loader), else ``default``."""
+    return next((o.partition("=")[2] for o in reversed(overrides) if o.startswith(f"{key}=")), default)
+
+
 def save_every(overrides: list[str]) -> int:
-    """``train.save_every`` of a run (the last override wins; 0: no checkpoints before the end)."""
-    return int(next((o.partition("=")[2] for o in reversed(overrides) if o.startswith("train.save_every=")), 0))
+    """``train.save_every`` of a run (0: no checkpoints before the end)."""
+    return int(override_of(overrides, "train.save_every", "0"))
 
 
 def save_gaps(train: list[dict], every: int) -> dict[int, float]:
@@ -383,11 +388,11 @@ def save_gaps(train: list[dict], every: int) -> dict[int, float]:
 
 def sequence_parallel_of(overrides: list[str]) -> int:
     """``parallel.sequence_parallel`` of a run: GPUs that share each sequence (the global batch counts sequences)."""
-    return int(next((o.partition("=")[2] for o in overrides if o.startswith("parallel.sequence_parallel=")), 1))
+    return int(override_of(overrides, "parallel.sequence_parallel", "1"))
 
 
 def float8_of(overrides: list[str]) -> str:
-    return next((o.partition("=")[2] for o in overrides if o.startswith("train.float8=")), "off")
+    return override_of(overrides, "train.float8", "off")
 
 
 def visible(gpus: int) -> str:
