@@ -54,6 +54,7 @@ ACCUM4 = ["train.global_batch_size=16"]  # with 2 GPUs and micro-batch 2: 4 micr
 # the Llama-3.2 3B shape at seq 4096: micro-batch 2 fits one H200 without checkpointing
 LLAMA3_3B = ["data.seq_len=4096"]
 ROWWISE, TENSORWISE = ["train.float8=rowwise"], ["train.float8=tensorwise"]
+SKIP_SMALL = ["train.float8_skip_small=true"]
 
 
 # long sequences: positions raised (the benchmark measures speed and memory, not what the model learns), every layer
@@ -132,6 +133,7 @@ RUNS: dict[str, Run] = {
     ),  # fmt: skip
     # float8 (torchao) against the bf16 run of the same name without the suffix
     "fsdp-1gpu-rowwise": Run("fsdp.yaml", 1, 16, [*FAST, *ROWWISE]),
+    "fsdp-1gpu-rowwise-skip-small": Run("fsdp.yaml", 1, 16, [*FAST, *ROWWISE, *SKIP_SMALL]),
     "fsdp-1gpu-tensorwise": Run("fsdp.yaml", 1, 16, [*FAST, *TENSORWISE]),
     "zero3-1gpu-tensorwise": Run("zero3.json", 1, 16, [*FAST, *TENSORWISE]),
     "llama3-3b-fsdp": Run("fsdp.yaml", 1, 2, [*FAST, *LLAMA3_3B], **SHAPE_3B),
@@ -148,6 +150,12 @@ RUNS: dict[str, Run] = {
     "llama3-3b-fsdp-mb8": Run("fsdp.yaml", 1, 8, [*FAST, *LLAMA3_3B], **SHAPE_3B),
     "llama3-3b-fsdp-mb8-tensorwise": Run("fsdp.yaml", 1, 8, [*FAST, *LLAMA3_3B, *TENSORWISE], **SHAPE_3B),
     "llama3-3b-fsdp-mb8-rowwise": Run("fsdp.yaml", 1, 8, [*FAST, *LLAMA3_3B, *ROWWISE], **SHAPE_3B),
+    "llama3-3b-fsdp-mb8-rowwise-skip-small": Run(
+        "fsdp.yaml", 1, 8, [*FAST, *LLAMA3_3B, *ROWWISE, *SKIP_SMALL], **SHAPE_3B
+    ),
+    "llama3-3b-fsdp-mb8-tensorwise-skip-small": Run(
+        "fsdp.yaml", 1, 8, [*FAST, *LLAMA3_3B, *TENSORWISE, *SKIP_SMALL], **SHAPE_3B
+    ),
     # one checkpoint at step 6 (of 10 or more), synchronous against in the background: the training stall of a save
     # (checkpoint_stall_s). One: a 3B checkpoint is 38.5 GB, two do not fit a 64 GB disk with the one being written.
     "llama3-3b-fsdp-mb4-save-sync": Run("fsdp.yaml", 1, 4, [*FAST, *LLAMA3_3B, *SAVE_ONCE], **SHAPE_3B_SAVE),

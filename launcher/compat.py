@@ -22,6 +22,7 @@ TESTED = {
     "datasets": ("5.2", "5.2"),
     "transformers": ("5.17", "5.24"),
     "deepspeed": ("0.19", "0.19"),
+    "torchao": ("0.18", "0.18"),
 }
 """Inclusive (oldest, newest) major.minor of each library the private uses below were checked with."""
 
@@ -237,3 +238,16 @@ def step_unless_nonfinite(optimizer: Any, norm: Any) -> None:
         optimizer.step()
     finally:
         del optimizer.found_inf
+
+
+def float8_gainful_layer(mode: str) -> Any:
+    """torchao's own test of whether float8 makes a linear layer faster, ``(module, name) -> bool``: False for a
+    layer whose (output, input) dimensions are below the thresholds torchao measured on H100 for ``mode``
+    (``torchao.float8._auto_filter_for_recipe``; rowwise: output <= 2048, or input <= 1024, or both <= 4096 and
+    2048; tensorwise: input <= 4096 and output <= 1024). Checked with torchao 0.18."""
+    import torchao
+    import torchao.float8 as float8
+
+    check_version("torchao", torchao.__version__, "torchao's float8 layer-size filter")
+    auto = _require(float8, "_auto_filter_for_recipe", "torchao.float8._auto_filter_for_recipe")
+    return auto(mode, [])

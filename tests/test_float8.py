@@ -77,6 +77,44 @@ def test_layers_whose_dimensions_are_not_multiples_of_16_stay_in_bf16_and_are_na
     assert "9 linear layer(s) stay in bf16" in caplog.text and "layers.0.mlp.gate_proj (64 -> 72)" in caplog.text
 
 
+# (mode, hidden, kv heads, FFN) -> the projections that stay in bf16 under train.float8_skip_small, worked out by
+# hand from the (output, input) thresholds torchao's float8 README gives for H100: rowwise gains only with output >
+# 2048, input > 1024 and not both <= (4096, 2048); tensorwise loses only with input <= 4096 and output <= 1024.
+SMALL = {
+    # Llama 3.2 3B: q/o 3072x3072, k/v 1024x3072, gate/up 8192x3072, down 3072x8192
+    ("rowwise", 3072, 8, 8192): {"k_proj", "v_proj"},
+    ("tensorwise", 3072, 8, 8192): {"k_proj", "v_proj"},
+    # the 1.1B shape: q/o 2048x2048, k/v 256x2048, gate/up 5632x2048, down 2048x5632
+    ("rowwise", 2048, 4, 5632): {"q_proj", "k_proj", "v_proj", "o_proj", "down_proj"},
+    ("tensorwise", 2048, 4, 5632): {"k_proj", "v_proj"},
+}
+
+
+@needs_torchao
+@pytest.mark.parametrize("mode, hidden, kv_heads, ffn", list(SMALL))
+def test_skip_small_keeps_the_layers_torchao_finds_too_small_in_bf16(tmp_path, assets, caplog, mode, hidden,
+                                                                      kv_heads, ffn):  # fmt: skip
+    from torchao.float8.float8_linear import Float8Linear
+
+    heads = hidden // 128
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=2, num_attention_heads=heads,
+                      num_key_value_heads=kv_heads, vocab_size=256)  # fmt: skip
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    recipe = recipe_for(tmp_path, assets, train={"float8": mode, "float8_skip_small": True})
+    with caplog.at_level(logging.INFO, logger="launcher.engine.float8"):
+        converted = convert_to_float8(model, recipe)
+    kept = {n.split(".")[-1] for n, m in model.named_modules() if type(m) is nn.Linear and ".layers." in n}
+    in_float8 = {n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, Float8Linear)}
+    assert kept == SMALL[(mode, hidden, kv_heads, ffn)]
+    assert converted == 2 * (7 - len(kept)) and len(in_float8) == 7 - len(kept)
+    assert f"{2 * len(kept)} linear layer(s) stay in bf16, below torchao's sizes" in caplog.text
+    # without the key every one of them runs in float8
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    assert convert_to_float8(model, recipe_for(tmp_path, assets, train={"float8": mode})) == 2 * 7
+
+
 def test_float8_is_refused_without_a_gpu_that_has_float8_products(tmp_path, assets):
     recipe = recipe_for(tmp_path, assets, train={"float8": "tensorwise", "precision": "bf16"})
     assert "there is none here" in float8_problem(recipe, None)

@@ -17,6 +17,7 @@ from typing import Any
 
 from torch import nn
 
+from ..compat import float8_gainful_layer
 from ..config import Recipe
 from ..model import decoder_layers
 
@@ -67,6 +68,8 @@ def convert_to_float8(model: nn.Module, recipe: Recipe, fsdp_float8_all_gather: 
     if fsdp_float8_all_gather:
         config = Float8LinearConfig(**{**config.__dict__, "enable_fsdp_float8_all_gather": True})
     skipped: list[str] = []
+    small: list[str] = []
+    gainful = float8_gainful_layer(mode) if recipe.train.float8_skip_small else None
 
     def wanted(module: nn.Module, name: str) -> bool:
         if not isinstance(module, nn.Linear):
@@ -74,22 +77,32 @@ def convert_to_float8(model: nn.Module, recipe: Recipe, fsdp_float8_all_gather: 
         if module.in_features % ALIGNMENT or module.out_features % ALIGNMENT:
             skipped.append(f"{name} ({module.in_features} -> {module.out_features})")
             return False
+        if gainful is not None and not gainful(module, name):
+            small.append(f"{name} ({module.in_features} -> {module.out_features})")
+            return False
         return True
 
     converted = 0
     for i, layer in enumerate(decoder_layers(model)):
         before = sum(isinstance(m, nn.Linear) for m in layer.modules())
-        n_skipped = len(skipped)
+        n_skipped = len(skipped) + len(small)
         convert_to_float8_training(layer, module_filter_fn=lambda m, n, i=i: wanted(m, f"layers.{i}.{n}"),
                                    config=config)  # fmt: skip
-        converted += before - (len(skipped) - n_skipped)
+        converted += before - (len(skipped) + len(small) - n_skipped)
     if skipped:
         log.info("train.float8: %d linear layer(s) stay in bf16, their dimensions not multiples of %d: %s",
-                 len(skipped), ALIGNMENT, ", ".join(skipped[:4]) + (" ..." if len(skipped) > 4 else ""))  # fmt: skip
+                 len(skipped), ALIGNMENT, _some(skipped))  # fmt: skip
+    if small:
+        log.info("train.float8_skip_small: %d linear layer(s) stay in bf16, below torchao's sizes for a %s gain: "
+                 "%s", len(small), mode, _some(small))  # fmt: skip
     log.info("train.float8: %s scaling in %d linear layers of the decoder (output projection and embeddings stay "
              "in bf16)%s", mode, converted, "; FSDP2 gathers their weights in float8" if fsdp_float8_all_gather
              else "")  # fmt: skip
     return converted
+
+
+def _some(names: list[str]) -> str:
+    return ", ".join(names[:4]) + (" ..." if len(names) > 4 else "")
 
 
 def precompute_scales(model: Any) -> None:
