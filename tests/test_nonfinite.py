@@ -69,8 +69,9 @@ def test_a_nan_on_one_rank_skips_that_step_on_every_rank_and_training_goes_on(as
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: FSDP2's optimizer is fused there")
 def test_on_gpus_the_fused_optimizer_skips_the_nan_step_and_training_goes_on(assets, poisoned, tmp_path):
     """FSDP2 on CUDA: the fused AdamW kernel drops the update (launcher.compat.step_unless_nonfinite)."""
+    # on one GPU a step reads half the tokens of two, and the poisoned document comes at step 12: run on past it
     out, p = run(assets, poisoned, tmp_path, "fsdp", "fsdp.yaml", nproc=min(2, torch.cuda.device_count()),
-                 nonfinite="skip", max_skipped_steps=3)  # fmt: skip
+                 nonfinite="skip", max_skipped_steps=3, max_steps=16)  # fmt: skip
     assert_nan_step_skipped(out, p, poisoned)
 
 

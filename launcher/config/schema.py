@@ -340,7 +340,9 @@ class TrainConfig:
     float8_skip_small: bool = False
     """With ``float8``: keep in bf16 the linear layers too small for float8 to pay for its casts, by torchao's
     thresholds (measured on H100; on the Llama 3.2 3B shape the key and value projections under both modes, on the
-    1.1B shape all but the MLP's up and gate projections under rowwise). Off: every aligned layer runs in float8."""
+    1.1B shape all but the MLP's up and gate projections under rowwise). Off: every aligned layer runs in float8.
+    Measured on one H200 (3B shape, seq 4096, micro-batch 8): rowwise 1.085x bf16 with it, 1.080x without, and
+    7.9 GiB more activations (the skipped layers save bf16 inputs), hence off by default."""
     fused_loss: bool = True
     """Compute the output projection and the cross-entropy together, a chunk of tokens at a time, with the
     gradients worked out in the same pass: neither bf16 nor fp32 logits of the whole micro-batch are ever held
