@@ -280,8 +280,7 @@ class TrainConfig:
     """``schedule: wsd``: shape of the decay from ``lr`` to ``lr x min_lr_ratio``, with p the fraction of the decay
     done: ``linear`` 1 - p, ``cosine`` (1 + cos(pi p)) / 2, ``1-sqrt`` 1 - sqrt(p)."""
     warmup_steps: int = 0
-    """Linear warmup from 0 to ``lr`` over this many steps (after ``model.init_from`` it re-warms the loaded
-    model)."""
+    """Linear warmup from 0 to ``lr`` over this many steps (after ``model.init_from``: re-warms the loaded model)."""
     weight_decay: float = 0.1
     """AdamW decoupled weight decay."""
     weight_decay_exclude: list[str] = field(default_factory=lambda: ["bias", "norm"])
@@ -338,11 +337,8 @@ class TrainConfig:
     stay in the model's dtype; the output projection and the embeddings stay in bf16. Best with ``compile: true``,
     which fuses the casts. Refused on CPU and older GPUs."""
     float8_skip_small: bool = False
-    """With ``float8``: keep in bf16 the linear layers too small for float8 to pay for its casts, by torchao's
-    thresholds (measured on H100; on the Llama 3.2 3B shape the key and value projections under both modes, on the
-    1.1B shape all but the MLP's up and gate projections under rowwise). Off: every aligned layer runs in float8.
-    Measured on one H200 (3B shape, seq 4096, micro-batch 8): rowwise 1.085x bf16 with it, 1.080x without, and
-    7.9 GiB more activations (the skipped layers save bf16 inputs), hence off by default."""
+    """With ``float8``: layers too small for a float8 gain by torchao's H100 thresholds stay bf16 (3B: k/v). Off
+    by default: on an H200 (3B, rowwise) it gave 1.085x bf16 against 1.080x, for 7.9 GiB more activations."""
     fused_loss: bool = True
     """Compute the output projection and the cross-entropy together, a chunk of tokens at a time, with the
     gradients worked out in the same pass: neither bf16 nor fp32 logits of the whole micro-batch are ever held
