@@ -67,6 +67,9 @@ def long_seq(seq_len: int, sp: int = 1, checkpointing: bool = True) -> list[str]
 
 SAVE_ONCE = ["train.save_every=6", "train.keep_last=1"]
 SAVE_TWICE = ["train.max_steps=250", "train.save_every=120", "train.keep_last=1"]  # wins over --steps
+# one save at step 30 of 40: the host copy of background saves is made in a thread after the first step (3B: 38.5 GB
+# to page-lock), so a save this late finds it ready, as every save of a run that saves every few hundred steps does
+SAVE_LATE = ["train.max_steps=40", "train.save_every=30", "train.keep_last=1"]  # wins over --steps
 # a run that saves: the synchronous write of a 3B checkpoint took 94 s on the H200 machine's disk (2026-12-02), and a
 # background one is waited for at the end of the run
 SHAPE_3B_SAVE = {"model": "llama3-3b", "slow": 4.0, "scales": True}
@@ -162,9 +165,12 @@ RUNS: dict[str, Run] = {
     "llama3-3b-fsdp-mb4-save-async": Run(
         "fsdp.yaml", 1, 4, [*FAST, *LLAMA3_3B, *SAVE_ONCE, "train.async_save=true"], **SHAPE_3B_SAVE
     ),
-    # Two background saves 120 steps apart (a 1.1B checkpoint is 17.6 GB: two fit the disk, two 3B ones do not): on
-    # torch < 2.13 the first save pins its host copy (about 0.37 s per GiB, in the training thread) and later saves
-    # reuse it, so the second save's save_gap_s is what a long run pays per save. The steps fixed here win over --steps.
+    "llama3-3b-fsdp-mb4-save-sync-late": Run("fsdp.yaml", 1, 4, [*FAST, *LLAMA3_3B, *SAVE_LATE], **SHAPE_3B_SAVE),
+    "llama3-3b-fsdp-mb4-save-async-late": Run(
+        "fsdp.yaml", 1, 4, [*FAST, *LLAMA3_3B, *SAVE_LATE, "train.async_save=true"], **SHAPE_3B_SAVE
+    ),
+    # Two background saves 120 steps apart (a 1.1B checkpoint is 17.6 GB: two fit the disk, two 3B ones do not): the
+    # second reuses the first's host copy. The steps fixed here win over --steps.
     "fsdp-1gpu-save-async-twice": Run("fsdp.yaml", 1, 16, [*FAST, *SAVE_TWICE, "train.async_save=true"], slow=4.0),
     # the plain FSDP2 loop with per-layer compile (plain_fsdp_gpu.py), at the shapes of our runs above
     # long context (issue: 1.1B at 16K/32K/64K on one GPU; the 8B shape at 32K/64K with sequence parallelism)

@@ -123,8 +123,8 @@ def held_open(path: Path) -> Iterator[bool]:
 
 
 @contextlib.contextmanager
-def a_held_write(proc: subprocess.Popen, out: Path, saves: range, log: Path) -> Iterator[int]:
-    """Hold rank 1's shard file of the first of the background saves at ``saves`` (steps) that the test gets to
+def a_held_write(proc: subprocess.Popen, out: Path, saves: range, log: Path, rank: int = 1) -> Iterator[int]:
+    """Hold ``rank``'s shard file of the first of the background saves at ``saves`` (steps) that the test gets to
     before the save opens it: the save cannot write it until the block ends. Yields that save's step."""
     ckpts = out / "checkpoints"
     for step in saves:
@@ -132,7 +132,7 @@ def a_held_write(proc: subprocess.Popen, out: Path, saves: range, log: Path) -> 
         while not tmp.is_dir() and not (ckpts / f"step-{step}").is_dir():
             assert proc.poll() is None, log.read_text()[-5000:]
             time.sleep(0.001)
-        with held_open(tmp / "__1_0.distcp") as caught:
+        with held_open(tmp / f"__{rank}_0.distcp") as caught:
             if caught:
                 yield step
                 return
@@ -164,6 +164,8 @@ def test_background_saves_commit_what_synchronous_saves_do_and_resume_bit_exactl
     assert proc.returncode == 0, log[-5000:]
     stall = rf"checkpoint step-{held}: training stalled [\d.]+ s, written in background in [\d.]+ s"
     assert re.search(stall, log), log[-5000:]
+    # the host copy is made after the first step, in a thread, not by the first save
+    assert re.search(r"host copy for background checkpoints: [\d.]+ GiB, made in [\d.]+ s", log), log[-5000:]
 
     assert committed(background) == committed(sync) == [2, 4, 6]
     for step in (2, 4):  # written in the background (the last one, at the end, is synchronous in both)
@@ -276,3 +278,31 @@ def test_deepspeed_with_async_save_is_refused_before_any_worker_starts(assets, t
                        capture_output=True, text=True, timeout=120)  # fmt: skip
     assert p.returncode == 2 and "train.async_save" in p.stderr, p.stderr[-3000:]
     assert not out.exists(), "a worker started"
+
+
+def test_the_host_copy_is_made_once_and_each_save_copies_the_state_of_its_own_moment():
+    """The stager's copy of a state dict (single process, no GPU): independent of the live tensors, the same host
+    memory at every save (also when reserved ahead), and the values of the moment of each save, the non-tensor
+    entries included."""
+    from launcher.engine.background_save import HostStager
+
+    weight, moment = torch.arange(6.0).reshape(2, 3), torch.ones(4, dtype=torch.bfloat16)
+    group = {"lr": 0.1, "params": ["w"]}
+    state = {"model": {"w": weight}, "optim": {"state": {"w": {"exp_avg": moment}}, "param_groups": [group]}}
+    stager = HostStager(torch.device("cpu"))
+    stager.reserve(state)
+    first = stager.stage(state).result()
+    w1, m1 = first["model"]["w"], first["optim"]["state"]["w"]["exp_avg"]
+    assert torch.equal(w1, torch.arange(6.0).reshape(2, 3)) and m1.dtype == torch.bfloat16
+    assert w1.data_ptr() != weight.data_ptr() and m1.data_ptr() != moment.data_ptr()
+    weight.add_(10)  # the next optimizer step
+    moment.mul_(3)
+    group["lr"] = 0.05
+    assert torch.equal(w1, torch.arange(6.0).reshape(2, 3)), "the copy follows the live tensor"
+    assert first["optim"]["param_groups"] == [{"lr": 0.1, "params": ["w"]}]
+    second = stager.stage(state).result()
+    w2, m2 = second["model"]["w"], second["optim"]["state"]["w"]["exp_avg"]
+    assert w2.data_ptr() == w1.data_ptr() and m2.data_ptr() == m1.data_ptr(), "a save allocated a new host copy"
+    assert torch.equal(w2, torch.arange(6.0).reshape(2, 3) + 10) and torch.equal(m2, torch.full((4,), 3.0).bfloat16())
+    assert second["optim"]["param_groups"] == [{"lr": 0.05, "params": ["w"]}]
+    stager.close()

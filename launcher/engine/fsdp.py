@@ -139,6 +139,8 @@ class FsdpEngine(Engine):
         )  # fmt: skip
         self.scheduler = LambdaLR(self.optimizer, lr_lambda(recipe))
         self._keep_settings(self.optimizer)
+        if t.async_save:
+            self._background = BackgroundSaves(self.optimizer, info.device, self._state)
 
     @property
     def module(self):
@@ -182,19 +184,24 @@ class FsdpEngine(Engine):
         return float(self.optimizer.param_groups[0]["lr"])
 
     _background: BackgroundSaves | None = None
-    """The process group, stager and optimizer hook of ``train.async_save``, made at the first background save."""
+    """The process group, host copy and optimizer hooks of ``train.async_save``."""
+
+    def _state(self) -> dict[str, Any]:
+        """What a checkpoint holds of the engine: this rank's shards of the parameters and the optimizer states."""
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        return {"model": model_sd, "optim": optim_sd}
 
     def save(self, path: Path, *, background: bool = False) -> SaveHandle:
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        state = self._state()
         writer = dcp_writer_naming_os_errors(str(path))
         handle = WRITTEN
         if background:
             if self._background is None:
-                self._background = BackgroundSaves(self.optimizer, self.info.device)
-            handle = self._background.start({"model": model_sd, "optim": optim_sd}, writer)
+                self._background = BackgroundSaves(self.optimizer, self.info.device, self._state)
+            handle = self._background.start(state, writer)
         else:
             try:
-                dcp.save({"model": model_sd, "optim": optim_sd}, storage_writer=writer)
+                dcp.save(state, storage_writer=writer)
             except (Exception, CheckpointException) as e:  # (not an Exception)
                 # A write the storage refused inside torch.save comes out as "unexpected pos": name the OS error.
                 failure = hidden_os_error(e, writer)
