@@ -57,6 +57,9 @@ def _page_locked(shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
     size = t.numel() * t.element_size()
     if size < PIN_BY_REGISTER:
         return t.pin_memory()
+    # Pages written first, by torch's own threads: cudaHostRegister of untouched memory faults every page in while
+    # it holds up the training thread (3B shape on an H200: 37.4 GiB in 18.7 s, and the step beside it 18.5 s).
+    t.zero_()
     cudart = torch.cuda.cudart()
     error = int(cudart.cudaHostRegister(t.data_ptr(), size, 1))  # 1: cudaHostRegisterPortable, for every device
     if error != 0:
