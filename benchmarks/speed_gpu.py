@@ -161,11 +161,15 @@ RUNS: dict[str, Run] = {
     ),
     # one checkpoint at step 6 (of 10 or more), synchronous against in the background: the training stall of a save
     # (checkpoint_stall_s). One: a 3B checkpoint is 38.5 GB, two do not fit a 64 GB disk with the one being written.
-    "llama3-3b-fsdp-mb4-save-sync": Run("fsdp.yaml", 1, 4, [*FAST, *LLAMA3_3B, *SAVE_ONCE], **SHAPE_3B_SAVE),
+    "llama3-3b-fsdp-mb4-save-sync": Run(
+        "fsdp.yaml", 1, 4, [*FAST, *LLAMA3_3B, *SAVE_ONCE, "train.async_save=false"], **SHAPE_3B_SAVE
+    ),
     "llama3-3b-fsdp-mb4-save-async": Run(
         "fsdp.yaml", 1, 4, [*FAST, *LLAMA3_3B, *SAVE_ONCE, "train.async_save=true"], **SHAPE_3B_SAVE
     ),
-    "llama3-3b-fsdp-mb4-save-sync-late": Run("fsdp.yaml", 1, 4, [*FAST, *LLAMA3_3B, *SAVE_LATE], **SHAPE_3B_SAVE),
+    "llama3-3b-fsdp-mb4-save-sync-late": Run(
+        "fsdp.yaml", 1, 4, [*FAST, *LLAMA3_3B, *SAVE_LATE, "train.async_save=false"], **SHAPE_3B_SAVE
+    ),
     "llama3-3b-fsdp-mb4-save-async-late": Run(
         "fsdp.yaml", 1, 4, [*FAST, *LLAMA3_3B, *SAVE_LATE, "train.async_save=true"], **SHAPE_3B_SAVE
     ),

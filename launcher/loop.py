@@ -19,6 +19,7 @@ from .callbacks.model_card import launch_command
 from .config import Recipe, eval_overlap_warnings, to_yaml
 from .data import Stage, TrainStream, eval_blocks, reblock, stage_at, stages_of
 from .engine import Engine, build_engine
+from .engine.background_save import background_saves
 from .evaluate import evaluate
 from .export import write_hf_model
 from .files import atomic_write
@@ -190,6 +191,7 @@ class Trainer:
         speed = Throughput()
         preemption = Preemption(t.preempt_signals, self.info.device)
         profiler = StepProfiler(t.profile_steps, self.out, self.info.rank, self.info.device)
+        background = background_saves(r, self.info.device.type)
         last_eval = -1
         while self.step < t.max_steps:
             start = time.perf_counter()
@@ -212,7 +214,7 @@ class Trainer:
             if self.eval_sets and r.eval.every and self.step % r.eval.every == 0:
                 results, last_eval = self._evaluate(), self.step
             if t.save_every and self.step % t.save_every == 0 and self.step < t.max_steps:
-                self._save(background=t.async_save)
+                self._save(background=background)
             preemption.note_step(time.perf_counter() - start)
             if preemption.requested_on_any_rank():
                 self._save()

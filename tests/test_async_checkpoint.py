@@ -147,21 +147,27 @@ def wait_for_step(out: Path, step: int, timeout: float = 60) -> None:
         time.sleep(0.05)
 
 
+def run_holding_a_save(recipe: Path, out: Path, log: Path, rank: int = 1, **env: str) -> tuple[int, str]:
+    """Run ``recipe`` to its end with one of its background saves at steps 2 or 4 held (``rank``'s shard file) until
+    the optimizer step after it has changed the model: what it writes must still be the state of its own step.
+    The held save's step and the job's output."""
+    proc = start_job(recipe, log, **env)
+    try:
+        with a_held_write(proc, out, range(2, 5, 2), log, rank) as held:
+            wait_for_step(out, held + 1)
+        output = job_output(proc, log, timeout=300)
+    finally:
+        if proc.poll() is None:
+            kill_whole_job(proc)
+    assert proc.returncode == 0, output[-5000:]
+    return held, output
+
+
 def test_background_saves_commit_what_synchronous_saves_do_and_resume_bit_exactly(assets, tmp_path):
     sync_recipe, sync = recipe_for(assets, tmp_path, "sync")
     cpt("run", str(sync_recipe))
     async_recipe, background = recipe_for(assets, tmp_path, "async", async_save=True)
-    proc = start_job(async_recipe, tmp_path / "log")
-    try:
-        # One save's write is held until the optimizer step after it has changed the model: what it writes must
-        # still be the state of its own step.
-        with a_held_write(proc, background, range(2, 5, 2), tmp_path / "log") as held:
-            wait_for_step(background, held + 1)
-        log = job_output(proc, tmp_path / "log", timeout=240)
-    finally:
-        if proc.poll() is None:
-            kill_whole_job(proc)
-    assert proc.returncode == 0, log[-5000:]
+    held, log = run_holding_a_save(async_recipe, background, tmp_path / "log")
     stall = rf"checkpoint step-{held}: training stalled [\d.]+ s, written in background in [\d.]+ s"
     assert re.search(stall, log), log[-5000:]
     # the host copy is made after the first step, in a thread, not by the first save
@@ -306,3 +312,34 @@ def test_the_host_copy_is_made_once_and_each_save_copies_the_state_of_its_own_mo
     assert torch.equal(w2, torch.arange(6.0).reshape(2, 3) + 10) and torch.equal(m2, torch.full((4,), 3.0).bfloat16())
     assert second["optim"]["param_groups"] == [{"lr": 0.05, "params": ["w"]}]
     stager.close()
+
+
+@pytest.mark.parametrize(
+    "setting, engine, device, offload, expected",
+    [
+        ("auto", "fsdp", "cuda", False, True),  # the measured case: 0.72 s per 3B save against 45.8 s
+        ("auto", "fsdp", "cpu", False, False),
+        ("auto", "fsdp", "cuda", True, False),  # offloaded shards are in host memory already
+        ("auto", "deepspeed", "cuda", False, False),
+        (True, "fsdp", "cpu", False, True),
+        (False, "fsdp", "cuda", False, False),
+    ],
+)
+def test_async_save_auto_writes_in_the_background_for_fsdp2_on_gpus_without_offload(
+    assets, tmp_path, setting, engine, device, offload, expected
+):
+    from launcher.engine.background_save import background_saves
+
+    config = {"fsdp": "fsdp-offload.yaml" if offload else "fsdp.yaml", "deepspeed": "zero3.json"}[engine]
+    train = {} if setting == "auto" else {"async_save": setting}
+    tree = tiny_recipe(assets, tmp_path / "out", train=train, parallel={"engine": engine, "config": config})
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", tree), check_files=False)
+    assert recipe.parallel.fsdp.cpu_offload is offload
+    assert recipe.train.async_save == setting
+    assert background_saves(recipe, device) is expected
+
+
+def test_async_save_takes_auto_true_or_false_and_names_the_key_otherwise(assets, tmp_path):
+    tree = tiny_recipe(assets, tmp_path / "out", train={"async_save": "sometimes"}, parallel=FSDP)
+    with pytest.raises(ConfigError, match=r"train\.async_save: 'sometimes' is not one of 'auto' \| True \| False"):
+        load_recipe(write_recipe(tmp_path / "r.yaml", tree), check_files=False)

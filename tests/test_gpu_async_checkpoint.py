@@ -9,8 +9,8 @@ import re
 
 import pytest
 import torch
-from conftest import job_output, kill_whole_job, read_metrics, start_job, tiny_recipe, write_recipe
-from test_async_checkpoint import a_held_write, committed, dcp_tensors, wait_for_step
+from conftest import job_output, read_metrics, start_job, tiny_recipe, write_recipe
+from test_async_checkpoint import committed, dcp_tensors, run_holding_a_save
 
 from launcher.checkpoint import verify
 
@@ -33,22 +33,14 @@ def test_on_gpus_each_background_save_holds_the_state_of_its_own_step(assets, tm
         return write_recipe(tmp_path / f"{name}.yaml", tree), tmp_path / name
 
     # the reference: a synchronous checkpoint after every step
-    sync_recipe, sync = recipe("sync", save_every=1)
+    sync_recipe, sync = recipe("sync", save_every=1, async_save=False)
     proc = start_job(sync_recipe, tmp_path / "sync.log", **CUDA)
     log = job_output(proc, tmp_path / "sync.log", timeout=300)
     assert proc.returncode == 0, log[-5000:]
 
     background_recipe, background = recipe("async", save_every=2, async_save=True)
-    proc = start_job(background_recipe, tmp_path / "async.log", **CUDA)
-    try:
-        # One save's write is held until the step after it has changed the model on the GPU.
-        with a_held_write(proc, background, range(2, 5, 2), tmp_path / "async.log", rank=gpus - 1) as held:
-            wait_for_step(background, held + 1)
-        log = job_output(proc, tmp_path / "async.log", timeout=300)
-    finally:
-        if proc.poll() is None:
-            kill_whole_job(proc)
-    assert proc.returncode == 0, log[-5000:]
+    # one save's write held until the step after it has changed the model on the GPU
+    _, log = run_holding_a_save(background_recipe, background, tmp_path / "async.log", rank=gpus - 1, **CUDA)
     assert re.search(r"host copy for background checkpoints: [\d.]+ GiB page-locked, made in", log), log[-5000:]
     assert committed(background) == [2, 4, 6]
 

@@ -305,15 +305,13 @@ class TrainConfig:
     """Write train metrics every this many steps."""
     save_every: int = 0
     """Save a checkpoint every this many steps (0: only at the end)."""
-    async_save: bool = False
-    """FSDP2 only (DeepSpeed is refused): write the ``save_every`` checkpoints in the background. Training stops
-    only while each rank copies its shards of the model and optimizer state into host memory (pinned on a GPU;
-    the copy overlaps the next step's forward and backward and must end before its optimizer step); a thread
-    writes the copy while training goes on, and ``step-N`` is committed at the first step boundary after every
-    rank has finished writing. The next save, a preemption and the end of the run wait for a save in flight; the
-    final and the preemption checkpoints are written synchronously. Costs host memory: one more copy of each
-    rank's shards (AdamW: 12 bytes per trained parameter, divided among the ranks that shard it), kept for the
-    whole run. The log and ``checkpoint_stall_s`` in the metrics give the seconds each save stalled training."""
+    async_save: Literal["auto", True, False] = "auto"
+    """Write the ``save_every`` checkpoints in the background (FSDP2 only; true with DeepSpeed is refused). A save
+    copies each rank's shards into a host copy kept for the run (one more copy of the shards in host memory: 12
+    bytes per trained parameter over the ranks) and a thread writes it; only the next optimizer step waits for the
+    copy. ``step-N`` is committed once every rank has written; the next save, a preemption and the end wait for it.
+    3B shape, 1x H100: 0.72 s lost per save against 45.8 s. ``auto``: on for FSDP2 on GPUs without CPU offload.
+    The log and ``checkpoint_stall_s`` in the metrics give the seconds each save stalled training."""
     keep_last: int = 2
     """Checkpoints kept in output_dir/checkpoints; older ones are removed after a newer one is saved."""
     nonfinite: Literal["skip", "stop"] = "skip"

@@ -249,9 +249,9 @@ def check_values(r: Recipe) -> list[str]:
     need(t.log_every > 0, f"train.log_every: must be positive, got {t.log_every}")
     need(t.save_every >= 0, f"train.save_every: must be >= 0, got {t.save_every}")
     need(
-        not t.async_save or r.parallel.engine != "deepspeed",
+        t.async_save is not True or r.parallel.engine != "deepspeed",
         "train.async_save: background checkpoints are FSDP2-only (parallel.engine: fsdp); DeepSpeed writes its "
-        "checkpoints synchronously: set train.async_save: false",
+        "checkpoints synchronously: set train.async_save: auto (or false)",
     )
     need(t.max_skipped_steps > 0, f"train.max_skipped_steps: must be positive, got {t.max_skipped_steps}")
     need(t.keep_last > 0, f"train.keep_last: must be positive, got {t.keep_last}")

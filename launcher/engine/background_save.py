@@ -19,7 +19,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -32,7 +32,21 @@ from ..compat import dtensor_around
 from ..files import os_error_in
 from .base import SaveHandle
 
+if TYPE_CHECKING:
+    from ..config import Recipe
+
 log = logging.getLogger(__name__)
+
+
+def background_saves(recipe: Recipe, device_type: str) -> bool:
+    """Whether a run on ``device_type`` writes its ``save_every`` checkpoints in the background: ``train.async_save``,
+    whose ``auto`` means FSDP2 on GPUs without CPU offload (offloaded shards live in host memory already: a copy
+    would double them there)."""
+    setting = recipe.train.async_save
+    if setting != "auto":
+        return bool(setting)
+    return recipe.parallel.engine == "fsdp" and device_type == "cuda" and not recipe.parallel.fsdp.cpu_offload
+
 
 PIN_BY_REGISTER = 1 << 20
 """Host tensors of this many bytes or more are page-locked in place (``cudaHostRegister``), smaller ones come from

@@ -35,7 +35,7 @@ from ..files import torch_save
 from ..launch import DistInfo
 from ..model import decoder_layers, init_checkpoint, meta_model, weights_source
 from ..weights import LazyWeights, WeightsError, check_weights, init_tensors, local_model_dir
-from .background_save import BackgroundSaves, hidden_os_error
+from .background_save import BackgroundSaves, background_saves, hidden_os_error
 from .base import WRITTEN, Batch, Engine, SaveHandle, apply_trainable, forward_loss, lr_lambda, optimizer_groups
 from .float8 import plain_tensor, precompute_scales
 from .options import apply_training_options
@@ -139,7 +139,7 @@ class FsdpEngine(Engine):
         )  # fmt: skip
         self.scheduler = LambdaLR(self.optimizer, lr_lambda(recipe))
         self._keep_settings(self.optimizer)
-        if t.async_save:
+        if background_saves(recipe, dev):
             self._background = BackgroundSaves(self.optimizer, info.device, self._state)
 
     @property

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from ..config import ConfigError, Recipe
+from .background_save import background_saves
 from .plan import EnginePlan
 
 
@@ -51,7 +52,7 @@ class FsdpPlan(EnginePlan):
         """CPU offload keeps the fp32 parameter, gradient and Adam shards in host memory; ``train.async_save`` keeps
         a copy of the parameter and Adam shards there (12 bytes per parameter) for the saves in the background."""
         parts = {"offloaded params+grads+adam": 16 * n_params / world} if cls.offloaded(recipe) else {}
-        if recipe.train.async_save:
+        if background_saves(recipe, "cuda"):
             parts["background save copy"] = 12 * n_params / world
         return parts
 
