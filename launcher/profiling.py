@@ -40,10 +40,43 @@ def busy_fraction(intervals: list[tuple[float, float]], start: float, end: float
     return covered / (end - start)
 
 
+KERNEL_KINDS = (  # the first whose words a kernel's name holds (lower case); the rest is "other"
+    ("comm", ("nccl",)),
+    ("attention", ("flash", "fmha", "attention", "cudnn")),
+    ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "f8f8bf16", "scaled_mm", "sm90_", "sm80_")),
+    ("compiled", ("triton",)),
+    ("foreach", ("multi_tensor_apply", "foreach")),
+)
+HOST_CATS = ("cpu_op", "user_annotation", "cuda_runtime", "cuda_driver", "python_function")
+IDLE_GAPS = 8  # the longest device idle gaps a summary names
+GAP_BINS = ((0.05e-3, "under_0.05ms"), (1e-3, "0.05_to_1ms"), (float("inf"), "over_1ms"))
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    return next((kind for kind, words in KERNEL_KINDS if any(w in low for w in words)), "other")
+
+
+def idle_gaps(spans: list[tuple[float, float]], start: float, end: float) -> list[tuple[float, float]]:
+    """The parts of [start, end] covered by none of ``spans``."""
+    gaps, reach = [], start
+    for b, e in sorted(spans):
+        if b > reach:
+            gaps.append((reach, min(b, end)))
+        reach = max(reach, e)
+        if reach >= end:
+            break
+    if reach < end:
+        gaps.append((reach, end))
+    return [(b, e) for b, e in gaps if e > b]
+
+
 def trace_summary(trace: dict[str, Any]) -> dict[str, Any]:
     """Device activity of a Chrome trace written by torch.profiler, over the window spanned by our ``step N``
     annotations: the share of it the GPU spent in compute kernels (communication kernels, NCCL's, counted apart:
-    they may overlap compute) and the kernel seconds of each kind."""
+    they may overlap compute), the kernel seconds of each kind, and where the GPU computed nothing: the idle time
+    by gap length and the longest gaps with the host's work during each (innermost first), which says whether the
+    GPU waited for a host synchronisation, for launches, or for data."""
     events = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X" and "dur" in e]
     steps = [e for e in events if str(e.get("name", "")).startswith(STEP) and e.get("cat") == "user_annotation"]
     out: dict[str, Any] = {}
@@ -52,16 +85,34 @@ def trace_summary(trace: dict[str, Any]) -> dict[str, Any]:
     start = min(float(e["ts"]) for e in steps)
     end = max(float(e["ts"]) + float(e["dur"]) for e in steps)
     out["window_s"] = round((end - start) / 1e6, 4)
-    kinds: dict[str, list[tuple[float, float]]] = {"compute": [], "comm": []}
+    spans: dict[str, list[tuple[float, float]]] = {}
     for e in events:
         if e.get("cat") == "kernel":
             b, f = max(float(e["ts"]), start), min(float(e["ts"]) + float(e["dur"]), end)
             if f > b:
-                kinds["comm" if "nccl" in str(e.get("name", "")).lower() else "compute"].append((b, f))
-    if kinds["compute"] or kinds["comm"]:
-        out["device_busy_frac"] = round(busy_fraction(kinds["compute"], start, end), 4)
-        for kind, spans in kinds.items():
-            out[f"{kind}_kernel_s"] = round(sum(f - b for b, f in spans) / 1e6, 4)
+                spans.setdefault(kernel_kind(str(e.get("name", ""))), []).append((b, f))
+    if not spans:
+        return out
+    compute = [s for kind, kind_spans in spans.items() if kind != "comm" for s in kind_spans]
+    comm = spans.get("comm", [])
+    out["device_busy_frac"] = round(busy_fraction(compute, start, end), 4)
+    out["compute_kernel_s"] = round(sum(f - b for b, f in compute) / 1e6, 4)
+    out["comm_kernel_s"] = round(sum(f - b for b, f in comm) / 1e6, 4)
+    out["kernel_s_by_kind"] = {k: round(sum(f - b for b, f in v) / 1e6, 4) for k, v in sorted(spans.items())}
+    gaps = idle_gaps(compute, start, end)
+    by_bin = dict.fromkeys((label for _, label in GAP_BINS), 0.0)
+    for b, f in gaps:
+        by_bin[next(label for limit, label in GAP_BINS if (f - b) / 1e6 < limit)] += (f - b) / 1e6
+    out["idle_s_by_gap"] = {k: round(v, 4) for k, v in by_bin.items()}
+    host = [e for e in events if e.get("cat") in HOST_CATS and not str(e.get("name", "")).startswith(STEP)]
+    longest = []
+    for b, f in sorted(gaps, key=lambda g: g[0] - g[1])[:IDLE_GAPS]:
+        # host work that covers at least half the gap, innermost (shortest) first
+        during = [e for e in host if min(f, float(e["ts"]) + float(e["dur"])) - max(b, float(e["ts"])) >= (f - b) / 2]
+        during.sort(key=lambda e: float(e["dur"]))
+        longest.append({"at_s": round((b - start) / 1e6, 4), "idle_ms": round((f - b) / 1e3, 3),
+                        "host": [str(e["name"])[:80] for e in during[:4]]})  # fmt: skip
+    out["longest_idle"] = longest
     return out
 
 

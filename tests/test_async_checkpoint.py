@@ -315,23 +315,25 @@ def test_the_host_copy_is_made_once_and_each_save_copies_the_state_of_its_own_mo
 
 
 @pytest.mark.parametrize(
-    "setting, engine, device, offload, expected",
+    "setting, engine, device, offload, save_every, expected",
     [
-        ("auto", "fsdp", "cuda", False, True),  # the measured case: 0.72 s per 3B save against 45.8 s
-        ("auto", "fsdp", "cpu", False, False),
-        ("auto", "fsdp", "cuda", True, False),  # offloaded shards are in host memory already
-        ("auto", "deepspeed", "cuda", False, False),
-        (True, "fsdp", "cpu", False, True),
-        (False, "fsdp", "cuda", False, False),
+        ("auto", "fsdp", "cuda", False, 5, True),  # the measured case: 0.72 s per 3B save against 45.8 s
+        ("auto", "fsdp", "cpu", False, 5, False),
+        ("auto", "fsdp", "cuda", True, 5, False),  # offloaded shards are in host memory already
+        ("auto", "deepspeed", "cuda", False, 5, False),
+        (True, "fsdp", "cpu", False, 5, True),
+        (False, "fsdp", "cuda", False, 5, False),
+        ("auto", "fsdp", "cuda", False, 0, False),  # no save_every: no host copy to make
+        (True, "fsdp", "cuda", False, 0, False),
     ],
 )
 def test_async_save_auto_writes_in_the_background_for_fsdp2_on_gpus_without_offload(
-    assets, tmp_path, setting, engine, device, offload, expected
+    assets, tmp_path, setting, engine, device, offload, save_every, expected
 ):
     from launcher.engine.background_save import background_saves
 
     config = {"fsdp": "fsdp-offload.yaml" if offload else "fsdp.yaml", "deepspeed": "zero3.json"}[engine]
-    train = {} if setting == "auto" else {"async_save": setting}
+    train = {"save_every": save_every} | ({} if setting == "auto" else {"async_save": setting})
     tree = tiny_recipe(assets, tmp_path / "out", train=train, parallel={"engine": engine, "config": config})
     recipe = load_recipe(write_recipe(tmp_path / "r.yaml", tree), check_files=False)
     assert recipe.parallel.fsdp.cpu_offload is offload

@@ -161,12 +161,14 @@ def test_fsdp_model_states_are_the_shards_of_a_real_two_rank_run(tmp_path, asset
     per_gpu = max(sum(r.values()) for r in ranks)
     assert estimate(recipe, cfg, 2).parts["params+grads+adam"] == pytest.approx(per_gpu, rel=1e-3)
     # a save in the background copies what a checkpoint holds of each rank: its parameter and Adam shards (the
-    # planner plans GPUs, where train.async_save's default, auto, saves FSDP2's checkpoints in the background)
-    background = recipe  # auto
-    synchronous = recipe_for(tmp_path, assets, train={"async_save": False},
-                             parallel={"engine": "fsdp", "config": "fsdp.yaml"})  # fmt: skip
+    # planner plans GPUs, where train.async_save's default, auto, saves FSDP2's checkpoints in the background);
+    # a run without save_every, or one that saves synchronously, keeps no copy
+    fsdp = {"engine": "fsdp", "config": "fsdp.yaml"}
+    background = recipe_for(tmp_path, assets, train={"save_every": 5}, parallel=fsdp)  # async_save: auto
     host = host_estimate(background, cfg, 2, 2, None)
-    assert "background save copy" not in host_estimate(synchronous, cfg, 2, 2, None).held
+    for train in ({"save_every": 5, "async_save": False}, {"save_every": 0}):
+        assert "background save copy" not in host_estimate(recipe_for(tmp_path, assets, train=train, parallel=fsdp),
+                                                           cfg, 2, 2, None).held, train  # fmt: skip
     copied = max(r["params"] + r["optimizer"] for r in ranks)
     assert host.held["background save copy"] == pytest.approx(copied, rel=1e-3)
 

@@ -196,8 +196,8 @@ class FsdpEngine(Engine):
         writer = dcp_writer_naming_os_errors(str(path))
         handle = WRITTEN
         if background:
-            if self._background is None:
-                self._background = BackgroundSaves(self.optimizer, self.info.device, self._state)
+            # set up with the engine wherever background_saves() says the run saves in the background
+            assert self._background is not None, "a background save of an engine set up for synchronous saves"
             handle = self._background.start(state, writer)
         else:
             try:
