@@ -297,6 +297,7 @@ def ours(
     timeout: float,
     env: dict[str, str],
     profile: list[int] | None = None,
+    settings: list[str] | None = None,
 ) -> dict:
     from launcher.memory import GIB, estimate
     from launcher.metrics import flops_per_token, mfu
@@ -307,7 +308,7 @@ def ours(
     gpus, mb, timeout = run.gpus, run.micro_batch, timeout * run.slow
     engine = engine_of(run)
     run_dir = out / name
-    overrides = run_overrides(run, assets, run_dir, steps)
+    overrides = run_overrides(run, assets, run_dir, steps) + list(settings or [])
     if profile:
         overrides.append(f"train.profile_steps=[{profile[0]},{profile[1]}]")
     if run.nodes > 1:
@@ -526,6 +527,13 @@ def main() -> int:
         help="profile these steps of every run (train.profile_steps; they are left out of the timing)",
     )
     p.add_argument(
+        "--set",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="recipe overrides added to each of our runs (after the run's own): an A/B of one setting, one call each",
+    )
+    p.add_argument(
         "--gpus", type=int, help="GPU count of the runs whose name states none (llama3-3b-*, plain-llama3-3b*)"
     )
     p.add_argument(
@@ -556,7 +564,10 @@ def main() -> int:
         "seq_len": "2048 unless a run records its own",
         "precision": "bf16", "peak_tflops": 989,
         "git_revision": git_revision(),
-        "command": " ".join(["python", "benchmarks/speed_gpu.py", *sys.argv[1:]]), "runs": {},
+        "command": " ".join(["python", "benchmarks/speed_gpu.py", *sys.argv[1:]]),
+        # compiler settings from the environment change what a run measures: recorded with it
+        "environment": {k: v for k, v in os.environ.items() if k.startswith(("TORCHINDUCTOR_", "TORCH_COMPILE"))},
+        "runs": {},
     }  # fmt: skip
     env = {**os.environ, "NCCL_NVLS_ENABLE": "0", "TOKENIZERS_PARALLELISM": "false"}
     name_card = card.replace(" ", "-").replace("/", "-")
@@ -574,14 +585,14 @@ def main() -> int:
         elif kind == "plain":
             r = plain(name, assets, out, args.steps, args.timeout, env)
         else:
-            r = ours(name, assets, out, args.steps, args.timeout, env, args.profile)
+            r = ours(name, assets, out, args.steps, args.timeout, env, args.profile, args.set)
         record["runs"][name] = r
         print(json.dumps({k: v for k, v in r.items() if k not in ("losses", "command")}), flush=True)
         if r.get("rc") != 0:
             print((out / f"{name}.log").read_text()[-3000:], flush=True)
             if name in FALLBACK and not (args.deadline and time.time() - t0 > args.deadline):
                 RUNS[f"{name}-fallback"] = RUNS[name]._replace(extra=[*RUNS[name].extra, *FALLBACK[name]])
-                r = ours(f"{name}-fallback", assets, out, args.steps, args.timeout, env, args.profile)
+                r = ours(f"{name}-fallback", assets, out, args.steps, args.timeout, env, args.profile, args.set)
                 record["runs"][f"{name}-fallback"] = r
                 print(json.dumps({k: v for k, v in r.items() if k not in ("losses", "command")}), flush=True)
         ratios(record["runs"])

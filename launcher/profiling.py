@@ -42,9 +42,9 @@ def busy_fraction(intervals: list[tuple[float, float]], start: float, end: float
 
 KERNEL_KINDS = (  # the first whose words a kernel's name holds (lower case); the rest is "other"
     ("comm", ("nccl",)),
+    ("compiled", ("triton",)),  # before the others: a fused kernel is named after the operators it fuses
     ("attention", ("flash", "fmha", "attention", "cudnn")),
     ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "f8f8bf16", "scaled_mm", "sm90_", "sm80_")),
-    ("compiled", ("triton",)),
     ("foreach", ("multi_tensor_apply", "foreach")),
 )
 HOST_CATS = ("cpu_op", "user_annotation", "cuda_runtime", "cuda_driver", "python_function")

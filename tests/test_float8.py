@@ -16,7 +16,7 @@ from conftest import REPO, tiny_recipe, worker_env, write_recipe
 from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from launcher.config import PACKAGE_ROOT
+from launcher.config import PACKAGE_ROOT, ConfigError
 from launcher.engine.float8 import convert_to_float8, float8_problem
 from launcher.engine.options import apply_training_options
 from launcher.memory import estimate
@@ -162,6 +162,42 @@ def test_a_compiled_run_raises_the_recompile_limit_and_says_when_a_function_hits
     ours = [r for r in caplog.records if r.name == "launcher.engine.options"]
     assert len(ours) == 1 and "gave up recompiling a function after 1 variants" in ours[0].getMessage()
     assert "5 decoder layers" in ours[0].getMessage()
+
+
+@pytest.mark.parametrize(
+    "float8, setting, tuned",
+    [
+        ("rowwise", "auto", True),  # measured: 3B on an H200, 1.11x bf16 tuned against 1.08x
+        ("tensorwise", "auto", False),
+        ("off", "auto", False),  # bf16 gained nothing
+        ("off", True, True),
+        ("rowwise", False, False),
+    ],
+)
+def test_compile_tuning_auto_tunes_the_compiled_kernels_of_rowwise_float8_only(tmp_path, assets, float8, setting,
+                                                                               tuned):  # fmt: skip
+    from launcher.engine.options import compile_tuning
+
+    train = {"compile": True, "float8": float8} | ({} if setting == "auto" else {"compile_tuning": setting})
+    assert compile_tuning(recipe_for(tmp_path, assets, train=train)) is tuned
+
+
+@pytest.mark.parametrize("setting", [True, "auto"])
+def test_compile_tuning_reaches_the_compiler_of_the_layers(tmp_path, assets, setting):
+    import torch._dynamo
+    import torch._inductor.config
+
+    recipe = recipe_for(tmp_path, assets, train={"compile": True, "compile_tuning": setting})  # bf16
+    with torch._inductor.config.patch(coordinate_descent_tuning=False), torch._dynamo.config.patch(recompile_limit=8):
+        applied = apply_training_options(llama(layers=2), recipe)
+        assert torch._inductor.config.coordinate_descent_tuning is (setting is True)
+    assert applied["compile_tuning"] is (setting is True)
+
+
+def test_compile_tuning_without_compile_is_refused_naming_the_key(tmp_path, assets):
+    with pytest.raises(ConfigError, match=r"train\.compile_tuning: true tunes the kernels torch\.compile generates"):
+        recipe_for(tmp_path, assets, train={"compile_tuning": True})
+    assert recipe_for(tmp_path, assets, train={"compile_tuning": False}).train.compile_tuning is False
 
 
 def test_plan_gathers_tensorwise_weights_in_one_byte_and_counts_unreduced_gradients(tmp_path, assets):

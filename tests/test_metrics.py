@@ -139,6 +139,7 @@ def test_profile_busy_share_is_the_union_of_compute_kernels_in_the_step_window()
     trace = {"traceEvents": [
         ev("step 6", "user_annotation", 1000, 400), ev("step 7", "user_annotation", 1500, 500),
         ev("ampere_gemm", "kernel", 900, 300),  # starts before the window: 200 us inside
+        ev("triton_red_fused__scaled_mm_amax_1", "kernel", 1000, 100),  # compiled, whatever it fuses
         ev("flash_fwd", "kernel", 1300, 200), ev("flash_bwd", "kernel", 1400, 100),  # overlap: 1300-1500
         ev("ncclDevKernel_ReduceScatter", "kernel", 1600, 300),  # communication: not compute
         ev("aten::mm", "cpu_op", 1000, 999), ev("cudaStreamSynchronize", "cuda_runtime", 1510, 480),
@@ -147,9 +148,10 @@ def test_profile_busy_share_is_the_union_of_compute_kernels_in_the_step_window()
     s = trace_summary(trace)
     assert s["window_s"] == pytest.approx(1000e-6)
     assert s["device_busy_frac"] == pytest.approx((200 + 200) / 1000)
-    assert s["compute_kernel_s"] == pytest.approx(500e-6)
+    assert s["compute_kernel_s"] == pytest.approx(600e-6)
     assert s["comm_kernel_s"] == pytest.approx(300e-6)
-    assert s["kernel_s_by_kind"] == pytest.approx({"attention": 300e-6, "comm": 300e-6, "matmul": 200e-6})
+    kinds = {"attention": 300e-6, "comm": 300e-6, "compiled": 100e-6, "matmul": 200e-6}
+    assert s["kernel_s_by_kind"] == pytest.approx(kinds)
     # the GPU computed nothing in 1200-1300 and 1500-2000 (the NCCL kernel is not compute)
     assert s["idle_s_by_gap"] == pytest.approx({"under_0.05ms": 0, "0.05_to_1ms": 600e-6, "over_1ms": 0})
     assert s["longest_idle"] == [

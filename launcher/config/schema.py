@@ -306,12 +306,11 @@ class TrainConfig:
     save_every: int = 0
     """Save a checkpoint every this many steps (0: only at the end)."""
     async_save: Literal["auto", True, False] = "auto"
-    """Write the ``save_every`` checkpoints in the background (FSDP2 only; true with DeepSpeed is refused). A save
-    copies each rank's shards into a host copy kept for the run (one more copy of the shards in host memory: 12
-    bytes per trained parameter over the ranks) and a thread writes it; only the next optimizer step waits for the
-    copy. ``step-N`` is committed once every rank has written; the next save, a preemption and the end wait for it.
-    3B shape, 1x H100: 0.72 s lost per save against 45.8 s. ``auto``: on for FSDP2 on GPUs without CPU offload.
-    The log and ``checkpoint_stall_s`` in the metrics give the seconds each save stalled training."""
+    """Write the ``save_every`` checkpoints in the background (FSDP2 only; true with DeepSpeed is refused): each
+    rank copies its shards into a host copy kept for the run (12 bytes per trained parameter over the ranks) that a
+    thread writes; only the next optimizer step waits for the copy. ``step-N`` is committed once every rank has
+    written; the next save, a preemption and the end wait for it. 3B, 1x H100: 0.72 s lost per save against 45.8 s.
+    ``auto``: on for FSDP2 on GPUs without CPU offload. ``checkpoint_stall_s`` (metrics, log): each save's stall."""
     keep_last: int = 2
     """Checkpoints kept in output_dir/checkpoints; older ones are removed after a newer one is saved."""
     nonfinite: Literal["skip", "stop"] = "skip"
@@ -321,12 +320,15 @@ class TrainConfig:
     max_skipped_steps: int = 3
     """With ``nonfinite: skip``: stop when more than this many steps in a row are skipped."""
     save_final: bool = True
-    """Save a checkpoint at the end of training (turn off for throughput runs that will never be resumed)."""
+    """Save a checkpoint at the end of training (off for throughput runs never resumed)."""
     export_final: bool = True
     """Write a consolidated Hugging Face model to output_dir/final at the end."""
     compile: bool = False
     """Compile each decoder layer's forward with torch.compile (the sharding hooks stay outside). Faster on GPU
     once warm; the first steps take longer while kernels are generated."""
+    compile_tuning: Literal["auto", True, False] = "auto"
+    """With ``compile``: tune each generated kernel's block sizes (the first step: +100 s, 3B rowwise on an H200).
+    ``auto``: with ``float8: rowwise`` only, as measured (3B: 1.11x bf16 against 1.08x; bf16 gained nothing)."""
     float8: Literal["off", "rowwise", "tensorwise"] = "off"
     """Run the matrix products of the decoder's linear layers in float8 (torchao's float8 training, on GPUs of
     compute capability 8.9 or more: L4, L40S, H100, H200 and later): ``tensorwise`` scales each tensor by one
@@ -335,8 +337,8 @@ class TrainConfig:
     stay in the model's dtype; the output projection and the embeddings stay in bf16. Best with ``compile: true``,
     which fuses the casts. Refused on CPU and older GPUs."""
     float8_skip_small: bool = False
-    """With ``float8``: layers too small for a float8 gain by torchao's H100 thresholds stay bf16 (3B: k/v). Off
-    by default: on an H200 (3B, rowwise) it gave 1.085x bf16 against 1.080x, for 7.9 GiB more activations."""
+    """With ``float8``: layers too small for a gain by torchao's H100 thresholds stay bf16 (3B: k/v); off: 1.085x
+    bf16 against 1.080x (3B rowwise, H200) for 7.9 GiB more activations."""
     fused_loss: bool = True
     """Compute the output projection and the cross-entropy together, a chunk of tokens at a time, with the
     gradients worked out in the same pass: neither bf16 nor fp32 logits of the whole micro-batch are ever held

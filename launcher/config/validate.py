@@ -253,6 +253,10 @@ def check_values(r: Recipe) -> list[str]:
         "train.async_save: background checkpoints are FSDP2-only (parallel.engine: fsdp); DeepSpeed writes its "
         "checkpoints synchronously: set train.async_save: auto (or false)",
     )
+    need(
+        t.compile_tuning is not True or t.compile,
+        "train.compile_tuning: true tunes the kernels torch.compile generates; set train.compile: true",
+    )
     need(t.max_skipped_steps > 0, f"train.max_skipped_steps: must be positive, got {t.max_skipped_steps}")
     need(t.keep_last > 0, f"train.keep_last: must be positive, got {t.keep_last}")
     if t.profile_steps:

@@ -50,6 +50,10 @@ def apply_training_options(
         # each sequence-length stage is another input shape: up to one more variant per layer
         shapes = len({stage.seq_len for stage in recipe.data.seq_len_stages}) or 1
         watch_recompile_limit(len(layers) * shapes)
+        if compile_tuning(recipe):
+            import torch._inductor.config
+
+            torch._inductor.config.coordinate_descent_tuning = True
         for layer in layers:
             layer.compile()
     applied: dict[str, object] = {
@@ -57,10 +61,19 @@ def apply_training_options(
         "layers": len(layers),
         "fused_loss": fused,
         "compiled": compiled,
+        "compile_tuning": compiled and compile_tuning(recipe),
         "float8_layers": float8,
     }
     log.info("model options: %s", applied)
     return applied
+
+
+def compile_tuning(recipe: Recipe) -> bool:
+    """Whether compiled layers get their kernels' block sizes tuned (``train.compile_tuning``): ``auto`` means
+    with rowwise float8, whose scaling casts (reductions across the token dimension) ran 1.7% faster tuned on an
+    H200 (3B shape: 26,342 against 25,894 tokens/s), where bf16 gained nothing."""
+    setting = recipe.train.compile_tuning
+    return recipe.train.float8 == "rowwise" if setting == "auto" else bool(setting)
 
 
 class _RecompileLimitHit(logging.Filter):
