@@ -25,13 +25,16 @@ $(STAMP): pyproject.toml
 		$(PY) -m pip install -q $(TORCH_SPEC) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),); \
 	fi
 	$(PY) -m pip install -q -e '.[dev]'
+	@# torchao for the CPU tests of float8 layer conversion, in a directory only the test process reads (see
+	@# tests/test_float8.py: installed in the venv, every worker that loads a model would import it)
+	$(PY) -m pip install -q --no-deps --target $(VENV)/float8 'torchao==0.18.0'
 	touch $(STAMP)
 
 quickstart: $(STAMP)
 	$(VENV)/bin/cpt quickstart --output-dir runs/quickstart
 
 test: $(STAMP)
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	FLOAT8_SITE=$(VENV)/float8 $(PY) -m pytest -q $(PYTEST_ARGS)
 
 # Only the tests marked gpu, with DeepSpeed on CUDA. Without a CUDA device they would all skip, which is no pass:
 # stop with an error instead. PY=python3 runs them with that interpreter as it is (no .venv is built), e.g. with

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,8 +26,12 @@ from launcher.model import param_counts
 from launcher.preflight import load_recipe
 
 # torchao is not in the dev install: once installed, transformers imports it in every process that loads a model
-# (its quantizer registry), 1.6 s each on 2 CPU cores. The tests that convert layers need it (pip install
-# '.[float8]'; the GPU machine has it); the rest of this file does not.
+# (its quantizer registry), 1.6 s each on 2 CPU cores. `make install` puts it in a directory of its own
+# (FLOAT8_SITE, default .venv/float8) that only this test process reads: the tests that convert layers run here
+# and the workers the other tests start do not pay for it. Without it they are skipped and say so.
+FLOAT8_SITE = Path(os.environ.get("FLOAT8_SITE", REPO / ".venv" / "float8"))
+if importlib.util.find_spec("torchao") is None and (FLOAT8_SITE / "torchao").is_dir():
+    sys.path.append(str(FLOAT8_SITE))
 needs_torchao = pytest.mark.skipif(
     importlib.util.find_spec("torchao") is None, reason="torchao is not installed (pip install '.[float8]')"
 )
