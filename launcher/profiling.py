@@ -27,19 +27,6 @@ TOP_OPS = 25
 STEP = "step "  # our annotation of each profiled step ("step 6")
 
 
-def busy_fraction(intervals: list[tuple[float, float]], start: float, end: float) -> float:
-    """The share of [start, end] covered by the union of ``(begin, end)`` intervals (clipped to the window)."""
-    if end <= start:
-        return 0.0
-    covered, reach = 0.0, start
-    for b, e in sorted(intervals):
-        b, e = max(b, reach), min(e, end)
-        if e > b:
-            covered += e - b
-            reach = e
-    return covered / (end - start)
-
-
 KERNEL_KINDS = (  # the first whose words a kernel's name holds (lower case); the rest is "other"
     ("comm", ("nccl",)),
     ("compiled", ("triton",)),  # before the others: a fused kernel is named after the operators it fuses
@@ -69,6 +56,13 @@ def idle_gaps(spans: list[tuple[float, float]], start: float, end: float) -> lis
     if reach < end:
         gaps.append((reach, end))
     return [(b, e) for b, e in gaps if e > b]
+
+
+def busy_fraction(intervals: list[tuple[float, float]], start: float, end: float) -> float:
+    """The share of [start, end] covered by the union of ``(begin, end)`` intervals (clipped to the window)."""
+    if end <= start:
+        return 0.0
+    return 1 - sum(f - b for b, f in idle_gaps(intervals, start, end)) / (end - start)
 
 
 def trace_summary(trace: dict[str, Any]) -> dict[str, Any]:

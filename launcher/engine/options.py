@@ -46,11 +46,12 @@ def apply_training_options(
     prefer_attention_backend(m.attention_backend)
     float8 = convert_to_float8(model, recipe, fsdp_float8_all_gather) if t.float8 != "off" else 0
     compiled = t.compile and compile_layers
+    tuned = compiled and compile_tuning(recipe)
     if compiled:
         # each sequence-length stage is another input shape: up to one more variant per layer
         shapes = len({stage.seq_len for stage in recipe.data.seq_len_stages}) or 1
         watch_recompile_limit(len(layers) * shapes)
-        if compile_tuning(recipe):
+        if tuned:
             import torch._inductor.config
 
             torch._inductor.config.coordinate_descent_tuning = True
@@ -61,7 +62,7 @@ def apply_training_options(
         "layers": len(layers),
         "fused_loss": fused,
         "compiled": compiled,
-        "compile_tuning": compiled and compile_tuning(recipe),
+        "compile_tuning": tuned,
         "float8_layers": float8,
     }
     log.info("model options: %s", applied)
