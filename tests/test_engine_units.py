@@ -54,10 +54,15 @@ def test_eval_batches_pad_the_short_block_with_ignored_labels():
     assert out[1][0].tolist() == [[6, 7, 8]]
 
 
-@pytest.mark.parametrize("chunk", [1, 7, 64])
-def test_fused_linear_loss_matches_projection_then_cross_entropy(chunk):
-    from launcher.engine.loss import linear_cross_entropy
+@pytest.mark.parametrize(
+    "chunk,terms", [(1, "eager"), (7, "eager"), (64, "eager"), (7, "pointwise"), (64, "pointwise"), (7, "compiled")]
+)
+def test_fused_linear_loss_matches_projection_then_cross_entropy(chunk, terms):
+    """Each form of a chunk's element-wise part against the plain projection and cross-entropy; chunk 7 leaves a
+    shorter last chunk (the compiled form's second, shape-generic variant)."""
+    from launcher.engine import loss
 
+    fn = {"eager": loss.eager_terms, "pointwise": loss.pointwise_terms, "compiled": loss.compiled_terms()}[terms]
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(3, 17, 8, generator=g, requires_grad=True)
     weight = torch.randn(50, 8, generator=g, requires_grad=True)
@@ -68,11 +73,42 @@ def test_fused_linear_loss_matches_projection_then_cross_entropy(chunk):
     expected.backward(torch.tensor(0.25))
     want_h, want_w = hidden.grad.clone(), weight.grad.clone()
     hidden.grad = weight.grad = None
-    got = linear_cross_entropy(hidden, weight, labels, chunk=chunk)
+    got = loss.linear_cross_entropy(hidden, weight, labels, chunk=chunk, terms=fn)
     got.backward(torch.tensor(0.25))
     torch.testing.assert_close(got, expected)
     torch.testing.assert_close(hidden.grad, want_h)
     torch.testing.assert_close(weight.grad, want_w)
+
+
+def test_compiled_loss_terms_match_the_eager_ones_on_bf16_logits():
+    """The training dtype: both forms take bf16 logits, work in fp32 and give the gradient in bf16."""
+    from launcher.engine.loss import compiled_terms, eager_terms
+
+    g = torch.Generator().manual_seed(1)
+    logits = (4 * torch.randn(24, 300, generator=g)).to(torch.bfloat16)
+    labels = torch.randint(0, 300, (24,), generator=g)
+    labels[[2, 11]] = -100
+    count = torch.tensor(22.0)
+    want_loss, want_grad = eager_terms(logits.clone(), labels, count, True)
+    got_loss, got_grad = compiled_terms()(logits, labels, count, True)
+    assert got_grad is not None and want_grad is not None and got_grad.dtype == torch.bfloat16
+    torch.testing.assert_close(got_loss, want_loss)
+    torch.testing.assert_close(got_grad, want_grad)
+    assert not got_grad[[2, 11]].any()
+
+
+@pytest.mark.parametrize("compile_layers", [True, False])
+def test_the_fused_loss_is_compiled_with_the_layers(assets, compile_layers):
+    from transformers import AutoModelForCausalLM
+
+    from launcher.engine.loss import compiled_terms, eager_terms
+    from launcher.engine.options import apply_training_options
+
+    model = AutoModelForCausalLM.from_pretrained(assets["base"])
+    recipe = Recipe()
+    recipe.train.compile = compile_layers
+    assert apply_training_options(model, recipe)["fused_loss"]
+    assert model.lm_head.terms is (compiled_terms() if compile_layers else eager_terms)
 
 
 def test_chunk_size_keeps_fp32_logits_under_the_budget():

@@ -1,6 +1,7 @@
 """What the recipe asks of the model itself before it is sharded: activation checkpointing (every k-th decoder
-layer), the fused output projection + loss, float8 linear layers, and torch.compile of each decoder layer. Both
-engines call it, in the one order that works for both: options first, then sharding."""
+layer), the fused output projection + loss, float8 linear layers, and torch.compile of each decoder layer (and of
+the fused loss's element-wise part). Both engines call it, in the one order that works for both: options first,
+then sharding."""
 
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ def apply_training_options(
     """What the recipe asks of the model itself, before it is sharded: activation checkpointing (every k-th
     decoder layer), the fused output projection + loss, float8 linear layers (``fsdp_float8_all_gather``: FSDP2
     gathers their weights in float8) and torch.compile of each decoder layer (``nn.Module.compile``: the module
-    stays the same object, so state-dict names and checkpoints do not depend on it)."""
+    stays the same object, so state-dict names and checkpoints do not depend on it) and of the fused loss's
+    element-wise part."""
     m, t = recipe.model, recipe.train
     layers = decoder_layers(model)
     checkpointed = 0
@@ -42,10 +44,10 @@ def apply_training_options(
             if selective:
                 layer.gradient_checkpointing = keep
             checkpointed += keep
-    fused = install_fused_loss(model) if t.fused_loss else False
+    compiled = t.compile and compile_layers
+    fused = install_fused_loss(model, compiled) if t.fused_loss else False
     prefer_attention_backend(m.attention_backend)
     float8 = convert_to_float8(model, recipe, fsdp_float8_all_gather) if t.float8 != "off" else 0
-    compiled = t.compile and compile_layers
     tuned = compiled and compile_tuning(recipe)
     if compiled:
         # each sequence-length stage is another input shape: up to one more variant per layer
