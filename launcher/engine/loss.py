@@ -43,23 +43,29 @@ Terms = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool], tuple[torch.T
 chunk: the element-wise part of the loss, between the chunk's projection and its two gradient matmuls."""
 
 
+def _loss_sum(
+    wide: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The chunk's summed loss from its fp32 logits, with what the gradient needs: ``(loss, lse, target, valid)``."""
+    valid = labels != IGNORE_INDEX
+    target = labels.clamp(min=0)
+    lse = torch.logsumexp(wide, dim=-1)
+    return ((lse - wide.gather(1, target[:, None]).squeeze(1)) * valid).sum(), lse, target, valid
+
+
 def eager_terms(
     logits: torch.Tensor, labels: torch.Tensor, count: torch.Tensor, want_grad: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """:data:`Terms` in place on one fp32 copy of the logits (no compiler): each step one pass over the chunk."""
-    dtype = logits.dtype
-    logits = logits.float()
-    valid = labels != IGNORE_INDEX
-    target = labels.clamp(min=0)
-    lse = torch.logsumexp(logits, dim=-1)
-    loss = ((lse - logits.gather(1, target[:, None]).squeeze(1)) * valid).sum()
+    wide = logits.float()
+    loss, lse, target, valid = _loss_sum(wide, labels)
     if not want_grad:
         return loss, None
     # d loss / d logits = softmax - onehot, per valid token, over the token count (the mean)
-    grad = logits.sub_(lse[:, None]).exp_()
+    grad = wide.sub_(lse[:, None]).exp_()
     grad[torch.arange(grad.shape[0], device=grad.device), target] -= 1
     grad *= (valid.to(grad.dtype) / count)[:, None]
-    return loss, grad.to(dtype)
+    return loss, grad.to(logits.dtype)
 
 
 def pointwise_terms(
@@ -70,10 +76,7 @@ def pointwise_terms(
     logits in their own dtype and writes the gradient, where the eager form makes about eight passes over fp32
     logits (the 1.1B shape: 4 chunks of 8192 x 32000 a micro-batch)."""
     wide = logits.float()
-    valid = labels != IGNORE_INDEX
-    target = labels.clamp(min=0)
-    lse = torch.logsumexp(wide, dim=-1)
-    loss = ((lse - wide.gather(1, target[:, None]).squeeze(1)) * valid).sum()
+    loss, lse, target, valid = _loss_sum(wide, labels)
     if not want_grad:
         return loss, None
     p = (wide - lse[:, None]).exp()
