@@ -110,8 +110,12 @@ def watch_recompile_limit(layers: int) -> None:
     if torch._dynamo.config.recompile_limit < limit:
         torch._dynamo.config.recompile_limit = limit
     logger = logging.getLogger("torch._dynamo.convert_frame")
-    if not any(isinstance(f, _RecompileLimitHit) for f in logger.filters):
-        logger.addFilter(_RecompileLimitHit(layers))
+    # one filter per process, telling of the model set up last (a test process builds several)
+    for f in logger.filters:
+        if isinstance(f, _RecompileLimitHit):
+            f.layers, f.said = layers, False
+            return
+    logger.addFilter(_RecompileLimitHit(layers))
 
 
 _ATTENTION_ORDER = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION"}
