@@ -23,6 +23,7 @@ from .engine.background_save import background_saves
 from .evaluate import evaluate
 from .export import write_hf_model
 from .files import atomic_write
+from .gc_steps import StepCollector
 from .launch import DistInfo
 from .lengths import with_token_budget
 from .metrics import Throughput, flops_per_token, host_memory_gib, memory_stats, mfu, peak_flops
@@ -98,6 +99,8 @@ class Trainer:
         """The checkpoint being written in the background (``train.async_save``), committed once every rank is done."""
         self.stalled: float | None = None
         """Seconds the last committed checkpoint stalled training, for the next metrics line."""
+        self.gc_ms: float | None = None
+        """Milliseconds of ``train.gc_every``'s collections since the last metrics line."""
         self.resumed_from = self._resume()
         continued = self.resumed_from is not None or self.data_from is not None
         self.passes = self.stream.passes_completed() if continued and self.stream is not None else 0
@@ -193,36 +196,42 @@ class Trainer:
         profiler = StepProfiler(t.profile_steps, self.out, self.info.rank, self.info.device)
         background = background_saves(r, self.info.device.type)
         last_eval = -1
-        while self.step < t.max_steps:
-            start = time.perf_counter()
-            stage = self._enter_stage(self.step + 1)
-            with profiler.step(self.step + 1):
-                micro = [reblock(next(batches), stage, self.stream.spec.eos_id) for _ in range(self.layout.grad_accum)]
-                data_wait = time.perf_counter() - start
-                lr = self.engine.lr()
-                loss, grad_norm = self.engine.train_step(micro)
-            self.step += 1
-            self._check_finite(grad_norm)
-            self.tokens_seen += self.layout.tokens_per_step
-            self._note_passes()
-            if self.saving is not None and self.saving.done_everywhere():
-                self._commit_save()
-            if self.step % t.log_every == 0 or self.step == t.max_steps:
-                self._log(loss, grad_norm, lr, data_wait, time.perf_counter() - start, speed)
-            else:
-                speed.update(time.perf_counter() - start, self.layout.tokens_per_step // self.info.world_size)
-            if self.eval_sets and r.eval.every and self.step % r.eval.every == 0:
-                results, last_eval = self._evaluate(), self.step
-            if t.save_every and self.step % t.save_every == 0 and self.step < t.max_steps:
-                self._save(background=background)
-            preemption.note_step(time.perf_counter() - start)
-            if preemption.requested_on_any_rank():
-                self._save()
-                self.preempted = True
-                log.warning("preempted by %s: checkpoint at step %d committed %.1f s after the signal; exiting "
-                            "with code %d so the job is requeued", preemption.received or "a peer's signal",
-                            self.step, preemption.seconds_since_signal(), PREEMPTED_EXIT_CODE)  # fmt: skip
-                return results
+        with StepCollector(t.gc_every) as collector:
+            while self.step < t.max_steps:
+                start = time.perf_counter()
+                stage = self._enter_stage(self.step + 1)
+                with profiler.step(self.step + 1):
+                    micro = [
+                        reblock(next(batches), stage, self.stream.spec.eos_id) for _ in range(self.layout.grad_accum)
+                    ]
+                    data_wait = time.perf_counter() - start
+                    lr = self.engine.lr()
+                    loss, grad_norm = self.engine.train_step(micro)
+                self.step += 1
+                collected = collector.after_step(self.step)
+                if collected is not None:
+                    self.gc_ms = (self.gc_ms or 0.0) + collected
+                self._check_finite(grad_norm)
+                self.tokens_seen += self.layout.tokens_per_step
+                self._note_passes()
+                if self.saving is not None and self.saving.done_everywhere():
+                    self._commit_save()
+                if self.step % t.log_every == 0 or self.step == t.max_steps:
+                    self._log(loss, grad_norm, lr, data_wait, time.perf_counter() - start, speed)
+                else:
+                    speed.update(time.perf_counter() - start, self.layout.tokens_per_step // self.info.world_size)
+                if self.eval_sets and r.eval.every and self.step % r.eval.every == 0:
+                    results, last_eval = self._evaluate(), self.step
+                if t.save_every and self.step % t.save_every == 0 and self.step < t.max_steps:
+                    self._save(background=background)
+                preemption.note_step(time.perf_counter() - start)
+                if preemption.requested_on_any_rank():
+                    self._save()
+                    self.preempted = True
+                    log.warning("preempted by %s: checkpoint at step %d committed %.1f s after the signal; exiting "
+                                "with code %d so the job is requeued", preemption.received or "a peer's signal",
+                                self.step, preemption.seconds_since_signal(), PREEMPTED_EXIT_CODE)  # fmt: skip
+                    return results
         if self.eval_sets and last_eval != self.step:
             results = self._evaluate()
         self._commit_save()
@@ -305,6 +314,8 @@ class Trainer:
         }
         if self.stalled is not None:
             metrics["checkpoint_stall_s"], self.stalled = self.stalled, None
+        if self.gc_ms is not None:
+            metrics["gc_ms"], self.gc_ms = self.gc_ms, None
         if self.recipe.data.seq_len_stages and self.stage is not None:
             metrics["data/seq_len_stage"], metrics["data/seq_len"] = self.stage.index, self.stage.seq_len
         self.callbacks.on_step(self.step, metrics)

@@ -139,8 +139,9 @@ def train_losses(out: Path) -> dict[int, float]:
 
 # ------------------------------------------------------------------------------ one trained run per engine, shared
 
-TRAINED = {"max_steps": 8, "save_every": 2, "keep_last": 3, "log_every": 1}
-"""The train section of the shared runs (``trained_runs``): 8 steps, checkpoints kept at steps 4, 6 and 8."""
+TRAINED = {"max_steps": 8, "save_every": 2, "keep_last": 3, "log_every": 1, "gc_every": 3}
+"""The train section of the shared runs (``trained_runs``): 8 steps, checkpoints kept at steps 4, 6 and 8, Python's
+full garbage collections at steps 3 and 6."""
 TRAINED_ENGINES = {"deepspeed": "zero3.json", "fsdp": "fsdp.yaml"}
 
 

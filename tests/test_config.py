@@ -110,7 +110,8 @@ def test_bad_recipe_reports_every_problem_with_its_key(tmp_path):
         "modle": {},
         "model": {"name_or_path": "org/m"},
         "data": {"train": [{"path": "a.jsonl", "weight": -1}], "seq_len": 0},
-        "train": {"max_step": 3, "lr": "fast", "micro_batch_size": 4, "global_batch_size": 6, "schedule": "exp"},
+        "train": {"max_step": 3, "lr": "fast", "micro_batch_size": 4, "global_batch_size": 6, "schedule": "exp",
+                  "gc_every": -1},
         "parallel": {"engine": "deepspeed", "config": "zero3.json"},
     }))  # fmt: skip
     problems = "\n".join(problems_of(bad, ["parallel.deepspeed.gradient_clipping=5.0"]))
@@ -119,6 +120,7 @@ def test_bad_recipe_reports_every_problem_with_its_key(tmp_path):
         "train.max_step: unknown key (did you mean 'max_steps'?)",
         "train.lr: expected float, got 'fast'",
         "train.schedule: 'exp' is not one of",
+        "train.gc_every: steps between garbage collections, 0 or more, got -1",
         "data.seq_len: must be positive",
         "data.train[0].weight: must be a positive number",
         "train.global_batch_size: 6 is not a multiple of train.micro_batch_size 4",

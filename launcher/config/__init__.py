@@ -3,6 +3,7 @@ becomes a typed :class:`Recipe` with every problem named (``validate``). The gro
 of the launcher but ``redact`` and ``files``. The whole pre-flight check of a run, which also asks the engine and
 the files, is :func:`launcher.preflight.load_recipe`."""
 
+from .data_checks import weight_at
 from .load import read_tree, resolve_engine_config_path, to_dict, to_yaml
 from .schema import (
     DS_CONFIG_DIR,
@@ -23,7 +24,6 @@ from .schema import (
     has_glob,
     source_kind,
     source_labels,
-    weight_at,
 )
 from .validate import build, check_values, eval_overlap_warnings
 

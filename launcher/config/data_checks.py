@@ -5,9 +5,23 @@ from __future__ import annotations
 
 import math
 
-from .schema import DataConfig, Recipe, weight_at
+from .schema import DataConfig, Recipe
 
 KEY = "data.seq_len_stages"
+
+
+def weight_at(weight: float | dict[int, float], step: int) -> float:
+    """A source's ``weight`` at optimizer step ``step`` (counted from 0): the number itself, or the schedule
+    ``{step: weight}`` (in increasing steps) read linearly between its steps and held flat outside them."""
+    if not isinstance(weight, dict):
+        return weight
+    points = list(weight.items())
+    if step <= points[0][0]:
+        return points[0][1]
+    for (s0, w0), (s1, w1) in zip(points, points[1:]):
+        if step <= s1:
+            return w0 + (w1 - w0) * (step - s0) / (s1 - s0)
+    return points[-1][1]
 
 
 def check_seq_len_stages(r: Recipe) -> list[str]:

@@ -258,6 +258,7 @@ def check_values(r: Recipe) -> list[str]:
         "train.compile_tuning: true tunes the kernels torch.compile generates; set train.compile: true",
     )
     need(t.max_skipped_steps > 0, f"train.max_skipped_steps: must be positive, got {t.max_skipped_steps}")
+    need(t.gc_every >= 0, f"train.gc_every: steps between garbage collections, 0 or more, got {t.gc_every}")
     need(t.keep_last > 0, f"train.keep_last: must be positive, got {t.keep_last}")
     if t.profile_steps:
         ps = t.profile_steps
