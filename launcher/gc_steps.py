@@ -7,7 +7,7 @@ ranks the others wait for it at the next collective, so at N ranks each rank's s
 ``gc_every: N``, while training: the young generations are still collected as Python would (cheap, and they free
 cycles holding tensors promptly); the automatic full collection is off; the objects alive after the first step of
 the process (the model and what compiling it built) are frozen out of the collector's walks (``gc.freeze``); every
-N steps each rank runs one full collection (the same 1.1B run: 12 ms).
+N steps each rank runs one full collection (the 1.1B run with it: 12 ms).
 """
 
 from __future__ import annotations
